@@ -1,0 +1,59 @@
+"""Sequence cores: the swappable memory of a policy. ``make_core(name, input_dim, **hyperparameters)``."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+
+from tlb_rl.cores.base import Core, State
+from tlb_rl.cores.rnn import FeedForwardCore, RNNCore
+from tlb_rl.cores.tlb import TLBCore
+from tlb_rl.cores.transformer import WindowTransformerCore
+from tlb_rl.errors import UserError
+
+
+def _lstm(input_dim: int, **kw) -> Core:
+    return RNNCore(input_dim, cell="lstm", **kw)
+
+
+def _gru(input_dim: int, **kw) -> Core:
+    return RNNCore(input_dim, cell="gru", **kw)
+
+
+CORES = {
+    "tlb": TLBCore,
+    "lstm": _lstm,
+    "gru": _gru,
+    "transformer": WindowTransformerCore,
+    "none": FeedForwardCore,
+}
+"""Core names a config may use, each with the class (or factory) that builds it."""
+
+
+def core_hyperparameters(name: str) -> dict[str, object]:
+    """The hyperparameters core ``name`` accepts, with their defaults."""
+    target = RNNCore if name in ("lstm", "gru") else CORES[name]
+    params = inspect.signature(target).parameters
+    return {k: p.default for k, p in params.items() if k not in ("input_dim", "cell")}
+
+
+def make_core(name: str, input_dim: int, **hyperparameters: object) -> Core:
+    """Build the core registered as ``name``; its output width is ``core.output_dim``.
+
+    :raises UserError: for an unknown name or a hyperparameter the core does not have.
+    """
+    if name not in CORES:
+        close = difflib.get_close_matches(name, CORES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown core '{name}'{hint}; known cores: {', '.join(CORES)}")
+    allowed = core_hyperparameters(name)
+    unknown = sorted(set(hyperparameters) - set(allowed))
+    if unknown:
+        raise UserError(
+            f"core '{name}' has no hyperparameter {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(allowed)}"
+        )
+    return CORES[name](input_dim, **hyperparameters)
+
+
+__all__ = ["CORES", "Core", "State", "core_hyperparameters", "make_core"]

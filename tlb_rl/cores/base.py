@@ -1,0 +1,60 @@
+"""The one interface every sequence core has.
+
+A core maps a batch of input sequences to output sequences while carrying a fixed-size state::
+
+    state = core.initial_state(batch_size, device)
+    y, state = core(x, state, episode_starts)   # x: [B, T, input_dim], episode_starts: [B, T] bool
+
+``episode_starts[b, t]`` resets row ``b`` before step ``t`` is processed. Calling a core once on T steps
+gives the same outputs and final state as T calls of one step (tested for every core): PPO acts with
+T = 1 and trains on whole rollouts with the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+"""A core's state: named tensors, each batch-first with a fixed shape, so buffers and checkpoints can hold it."""
+
+
+class Core(nn.Module):
+    """Base class of sequence cores.
+
+    Subclasses set ``output_dim`` and implement :meth:`initial_state` and :meth:`forward`.
+    A core with a training signal of its own (bRSM's next-step prediction) overrides
+    :meth:`auxiliary_loss`; agents add it to their loss.
+    """
+
+    output_dim: int
+    #: True when the core's output at step t depends on steps before t.
+    has_memory: bool = True
+
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        """The state of ``batch_size`` fresh episodes."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """Run the core over ``x`` [B, T, input_dim]; returns outputs [B, T, output_dim] and the final state."""
+        raise NotImplementedError
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss computed by the most recent :meth:`forward` call, or None."""
+        return None
+
+
+def check_inputs(x: torch.Tensor, episode_starts: torch.Tensor, input_dim: int) -> None:
+    """Raise a clear error when a core is called with the wrong shapes."""
+    if x.dim() != 3 or x.shape[-1] != input_dim:
+        raise ValueError(f"core input must be [batch, time, {input_dim}], got {tuple(x.shape)}")
+    if episode_starts.shape != x.shape[:2]:
+        raise ValueError(
+            f"episode_starts must be [batch, time] = {tuple(x.shape[:2])}, got {tuple(episode_starts.shape)}"
+        )
+
+
+def reset_rows(value: torch.Tensor, reset: torch.Tensor, fresh: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Replace the rows of ``value`` [B, ...] where ``reset`` [B] is true by ``fresh``."""
+    mask = reset.view(-1, *([1] * (value.dim() - 1)))
+    return torch.where(mask, fresh, value)

@@ -1,0 +1,68 @@
+"""LSTM and GRU cores: torch's fused recurrent modules, run over the spans between episode starts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tlb_rl.cores.base import Core, State, check_inputs, reset_rows
+
+
+class RNNCore(Core):
+    """A single-layer LSTM or GRU.
+
+    A sequence is cut only at the time steps where some row starts an episode; each span between two
+    such steps runs as one call of the fused module, so a rollout without resets is a single call.
+
+    :param input_dim: width of the inputs.
+    :param hidden_size: width of the hidden state and of the output.
+    :param num_layers: stacked recurrent layers.
+    :param cell: ``"lstm"`` or ``"gru"``.
+    """
+
+    def __init__(self, input_dim: int, hidden_size: int = 128, num_layers: int = 1, cell: str = "lstm"):
+        super().__init__()
+        module = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = module(input_dim, hidden_size, num_layers=num_layers, batch_first=True)
+        self.input_dim, self.output_dim, self.cell = input_dim, hidden_size, cell
+        self.num_layers = num_layers
+
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        zeros = torch.zeros(batch_size, self.num_layers, self.output_dim, device=device)
+        return {"h": zeros, "c": zeros.clone()} if self.cell == "lstm" else {"h": zeros}
+
+    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
+        check_inputs(x, episode_starts, self.input_dim)
+        T = x.shape[1]
+        # Span boundaries: every step at which at least one row starts an episode.
+        cuts = torch.nonzero(episode_starts.any(0)).flatten().tolist()
+        bounds = sorted({0, *cuts, T})
+        names = list(state)
+        # nn.LSTM wants [layers, B, H]; our state is batch-first [B, layers, H].
+        hidden = [state[n].transpose(0, 1).contiguous() for n in names]
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            reset = episode_starts[:, start]
+            hidden = [reset_rows(h.transpose(0, 1), reset).transpose(0, 1).contiguous() for h in hidden]
+            y, new = self.rnn(x[:, start:end], tuple(hidden) if self.cell == "lstm" else hidden[0])
+            hidden = list(new) if self.cell == "lstm" else [new]
+            outputs.append(y)
+        return torch.cat(outputs, 1), {n: h.transpose(0, 1) for n, h in zip(names, hidden)}
+
+
+class FeedForwardCore(Core):
+    """No memory: one hidden layer applied to every step on its own (the ``none`` baseline)."""
+
+    has_memory = False
+
+    def __init__(self, input_dim: int, hidden_size: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(input_dim, hidden_size), nn.ReLU())
+        self.input_dim, self.output_dim = input_dim, hidden_size
+
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        return {}
+
+    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
+        check_inputs(x, episode_starts, self.input_dim)
+        return self.net(x), state
