@@ -34,7 +34,8 @@ def core_hyperparameters(name: str) -> dict[str, object]:
     """The hyperparameters core ``name`` accepts, with their defaults."""
     target = RNNCore if name in ("lstm", "gru") else CORES[name]
     params = inspect.signature(target).parameters
-    return {k: p.default for k, p in params.items() if k not in ("input_dim", "cell")}
+    skip = {"input_dim", "cell"} | ({"forget_bias"} if name == "gru" else set())
+    return {k: p.default for k, p in params.items() if k not in skip}
 
 
 def make_core(name: str, input_dim: int, **hyperparameters: object) -> Core:
@@ -50,10 +51,12 @@ def make_core(name: str, input_dim: int, **hyperparameters: object) -> Core:
     unknown = sorted(set(hyperparameters) - set(allowed))
     if unknown:
         raise UserError(
-            f"core '{name}' has no hyperparameter {', '.join(map(repr, unknown))}; "
-            f"it takes: {', '.join(allowed)}"
+            f"core '{name}' has no hyperparameter {', '.join(map(repr, unknown))}; it takes: {', '.join(allowed)}"
         )
-    return CORES[name](input_dim, **hyperparameters)
+    try:
+        return CORES[name](input_dim, **hyperparameters)
+    except (TypeError, ValueError) as e:  # a bad value, e.g. chunk_size=0 or d_model not divisible by n_heads
+        raise UserError(f"core '{name}': {e}") from None
 
 
 __all__ = ["CORES", "Core", "State", "core_hyperparameters", "make_core"]

@@ -48,6 +48,8 @@ def check_inputs(x: torch.Tensor, episode_starts: torch.Tensor, input_dim: int) 
     """Raise a clear error when a core is called with the wrong shapes."""
     if x.dim() != 3 or x.shape[-1] != input_dim:
         raise ValueError(f"core input must be [batch, time, {input_dim}], got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError("core input must have at least one time step")
     if episode_starts.shape != x.shape[:2]:
         raise ValueError(
             f"episode_starts must be [batch, time] = {tuple(x.shape[:2])}, got {tuple(episode_starts.shape)}"

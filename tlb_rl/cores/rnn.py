@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -17,13 +19,29 @@ class RNNCore(Core):
     :param input_dim: width of the inputs.
     :param hidden_size: width of the hidden state and of the output.
     :param num_layers: stacked recurrent layers.
+    :param forget_bias: initial bias of the LSTM's forget gate. torch initialises it near 0 (forget gate
+        ~0.5), which loses a cue within a few dozen steps before learning can start. Measured on the recall
+        test (cue, 24 blank steps, width 32, 400 Adam steps, seeds 0-2): bias 0 stays at chance, 1 reaches
+        0.47-0.73, 2 reaches 1.0 for every seed; so the baseline LSTM gets 2. Ignored by the GRU.
     :param cell: ``"lstm"`` or ``"gru"``.
     """
 
-    def __init__(self, input_dim: int, hidden_size: int = 128, num_layers: int = 1, cell: str = "lstm"):
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_size: int = 128,
+        num_layers: int = 1,
+        forget_bias: float = 2.0,
+        cell: str = "lstm",
+    ):
         super().__init__()
         module = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = module(input_dim, hidden_size, num_layers=num_layers, batch_first=True)
+        if cell == "lstm":
+            with torch.no_grad():
+                for k in range(num_layers):  # gate order in torch: input, forget, cell, output
+                    getattr(self.rnn, f"bias_ih_l{k}")[hidden_size : 2 * hidden_size] = forget_bias
+                    getattr(self.rnn, f"bias_hh_l{k}")[hidden_size : 2 * hidden_size] = 0.0
         self.input_dim, self.output_dim, self.cell = input_dim, hidden_size, cell
         self.num_layers = num_layers
 
@@ -41,13 +59,13 @@ class RNNCore(Core):
         # nn.LSTM wants [layers, B, H]; our state is batch-first [B, layers, H].
         hidden = [state[n].transpose(0, 1).contiguous() for n in names]
         outputs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             reset = episode_starts[:, start]
             hidden = [reset_rows(h.transpose(0, 1), reset).transpose(0, 1).contiguous() for h in hidden]
             y, new = self.rnn(x[:, start:end], tuple(hidden) if self.cell == "lstm" else hidden[0])
             hidden = list(new) if self.cell == "lstm" else [new]
             outputs.append(y)
-        return torch.cat(outputs, 1), {n: h.transpose(0, 1) for n, h in zip(names, hidden)}
+        return torch.cat(outputs, 1), {n: h.transpose(0, 1) for n, h in zip(names, hidden, strict=True)}
 
 
 class FeedForwardCore(Core):

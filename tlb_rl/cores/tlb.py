@@ -1,39 +1,64 @@
 """The Temporal Latent Bottleneck core (Didolkar et al. 2022), made causal for control.
 
-Fast stream: Transformer layers over the steps of the current chunk of K steps, causal inside the chunk,
-with a cross-attention to the slow vectors every R layers. Slow stream: N vectors, updated by
-cross-attention to the chunk's fast outputs (+ MLP, residual or gated) when a chunk completes.
-Chunks count from the episode start; an episode start resets the slow vectors to a learned value.
+Fast stream: Transformer layers over the steps of the current chunk of K steps, causal inside the chunk;
+every R-th layer is followed by a cross-attention from the chunk's tokens to the slow vectors.
+Slow stream: N vectors, updated when a chunk completes by a cross-attention from the slow vectors to the
+chunk's tokens (+ MLP; residual, or gated as an option). Chunks count from the episode start; an
+episode start resets the slow vectors to a learned value.
 
-Speed: the layers before the first cross-attention do not depend on the slow state, so they run for
-all chunks of a sequence at once; only the rest runs in a loop over chunks (about T/K iterations, plus
-one per episode start). Acting one step recomputes the current chunk only: O(K), not O(t).
+How it is made fast (the reason this file is not a textbook transcription):
+
+- The slow update reads the chunk's tokens as the first R layers leave them, before they meet the slow
+  state. The paper's update reads the last fast layer, which makes every fast layer after the first
+  cross-attention part of the sequential recurrence. Reading the early tokens keeps the loop over chunks
+  down to the slow update alone (N vectors attend K keys); every token-wise layer runs once, batched over
+  all T steps.
+- Token-wise work (projections, MLPs) runs on the [B, T] steps of the call; only attention uses a chunk
+  layout [B, C, K]. The keys/values of the current chunk's earlier steps are kept in the state, so acting
+  one step costs one token's projections plus attention over at most K keys.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tlb_rl.cores.base import Core, State, check_inputs
 from tlb_rl.cores.blocks import Block
 
 
-class SlowUpdate(nn.Module):
-    """New slow vectors from the old ones (queries) and a completed chunk's fast outputs (keys/values)."""
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[..., S, D] -> [..., H, S, D/H]"""
+    *lead, S, D = x.shape
+    return x.view(*lead, S, n_heads, D // n_heads).transpose(-2, -3)
 
-    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float, gated: bool):
-        super().__init__()
-        self.block = Block(d_model, n_heads, mlp_ratio, dropout, cross=True)
-        # A gate lets a slot keep its content instead of always adding to it; measured, not assumed.
-        self.gate = nn.Linear(2 * d_model, d_model) if gated else None
 
-    def forward(self, slow: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-        candidate = self.block(slow, chunk)
-        if self.gate is None:
-            return candidate
-        g = torch.sigmoid(self.gate(torch.cat([slow, candidate], -1)))
-        return g * candidate + (1 - g) * slow
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """[..., H, S, D/H] -> [..., S, D]"""
+    *lead, H, S, d = x.shape
+    return x.transpose(-2, -3).reshape(*lead, S, H * d)
+
+
+class _Layout:
+    """Where each step of a call sits in a chunk layout [B, C, K], and the cached keys of earlier steps."""
+
+    def __init__(self, slot: torch.Tensor, B: int, C: int, K: int):
+        self.slot, self.B, self.C, self.K = slot, B, C, K  # slot: [B, T] = chunk * K + position
+
+    def scatter(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps [B, T, F] -> [B, C, K, F]; ``prefix`` [B, K-1, F] fills chunk 0's first slots (earlier steps)."""
+        B, C, K = self.B, self.C, self.K
+        base = x.new_zeros(B, C * K, x.shape[-1])
+        if prefix is not None:
+            base = torch.cat([prefix.to(x.dtype), base[:, K - 1 :]], 1)
+        idx = self.slot[..., None].expand(-1, -1, x.shape[-1])
+        return base.scatter(1, idx, x).view(B, C, K, -1)
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, C, K, F] -> the steps' rows [B, T, F]."""
+        y = y.reshape(self.B, self.C * self.K, -1)
+        return y.gather(1, self.slot[..., None].expand(-1, -1, y.shape[-1]))
 
 
 class TLBCore(Core):
@@ -47,7 +72,7 @@ class TLBCore(Core):
     :param cross_every: R, a cross-attention to the slow vectors follows every R-th fast layer.
     :param n_heads: attention heads.
     :param mlp_ratio: hidden width of the MLPs as a multiple of ``d_model``.
-    :param dropout: dropout in attention and MLPs.
+    :param dropout: dropout in the MLPs.
     :param gated: gated instead of residual slow update.
     """
 
@@ -69,74 +94,127 @@ class TLBCore(Core):
             raise ValueError(f"cross_every must be in [1, n_layers={n_layers}], got {cross_every}")
         if chunk_size < 1 or n_slow < 1:
             raise ValueError("chunk_size and n_slow must be at least 1")
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.input_dim, self.output_dim = input_dim, d_model
-        self.K, self.N = chunk_size, n_slow
+        self.K, self.N, self.H, self.R = chunk_size, n_slow, n_heads, cross_every
         self.proj = nn.Linear(input_dim, d_model)
         self.pos = nn.Parameter(torch.randn(chunk_size, d_model) * 0.02)
         self.slow_init = nn.Parameter(torch.randn(n_slow, d_model) * 0.02)
-        # Fast stream: `early` layers see only the chunk; each later stage starts with a cross-attention.
-        block = lambda cross=False: Block(d_model, n_heads, mlp_ratio, dropout, cross=cross)  # noqa: E731
-        self.early = nn.ModuleList(block() for _ in range(cross_every))
-        self.stages = nn.ModuleList()
-        for first in range(cross_every, n_layers + 1, cross_every):
-            rest = min(cross_every, n_layers - first)
-            self.stages.append(nn.ModuleList([block(cross=True), *(block() for _ in range(rest))]))
-        self.update = SlowUpdate(d_model, n_heads, mlp_ratio, dropout, gated)
+        # Fast stream in order; a cross block after every R-th self-attention block.
+        layers: list[Block] = []
+        for i in range(n_layers):
+            layers.append(Block(d_model, n_heads, mlp_ratio, dropout))
+            if (i + 1) % cross_every == 0:
+                layers.append(Block(d_model, n_heads, mlp_ratio, dropout, cross=True))
+        self.layers = nn.ModuleList(layers)
+        self.update = Block(d_model, n_heads, mlp_ratio, dropout, cross=True)
+        # A gate lets a slot keep its content instead of always adding to it; an option to measure.
+        self.gate = nn.Linear(2 * d_model, d_model) if gated else None
         self.ln_out = nn.LayerNorm(d_model)
+        self.n_cached = n_layers + 1  # keys/values of every self-attention block, and of the slow update
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        D = self.output_dim
         return {
             "slow": self.slow_init.detach().to(device).expand(batch_size, -1, -1).clone(),  # [B, N, D]
-            "recent": torch.zeros(batch_size, self.K - 1, self.input_dim, device=device),  # last K-1 inputs
-            "chunk_len": torch.zeros(batch_size, dtype=torch.long, device=device),  # steps of current chunk seen
+            # keys/values of the current chunk's earlier steps, per self-attention block and slow update
+            "kv": torch.zeros(batch_size, self.n_cached, self.K - 1, 2 * D, device=device),
+            "chunk_len": torch.zeros(batch_size, dtype=torch.long, device=device),  # steps of it seen
         }
 
     def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
         B, T, _ = x.shape
-        K, P = self.K, self.K - 1
-        dev = x.device
-        # The sequence seen by this call: the last K-1 inputs (some of them in the current chunk) + x.
-        z = torch.cat([state["recent"].to(x.dtype), x], 1)  # [B, S, Din], S = P + T
-        starts = torch.cat([torch.zeros(B, P, dtype=torch.bool, device=dev), episode_starts.bool()], 1)
-        chunk_len = state["chunk_len"][:, None]  # [B, 1]
+        K = self.K
+        starts = episode_starts.bool()
+        chunk_len = state["chunk_len"]
 
-        # Position of every step inside its chunk; negative for remembered steps of an older chunk.
-        s = torch.arange(P + T, device=dev)
-        last_start = torch.where(starts, s, -1).cummax(1).values  # [B, S]
-        since = torch.where(last_start >= 0, s - last_start, s - P + chunk_len)
-        q = torch.where(since >= 0, since % K, since)  # [B, S]
-        seg = (q == 0).cumsum(1) - 1  # chunk index of every step within this call; -1 before the first
+        # Position of each step in its chunk, and its chunk's index within this call (0 = the chunk that
+        # was in progress when the call began, if any).
+        t = torch.arange(T, device=x.device)
+        last_start = torch.where(starts, t, -1).cummax(1).values  # [B, T]
+        q = torch.where(last_start >= 0, t - last_start, chunk_len[:, None] + t) % K
+        seg = (q == 0).cumsum(1) - (chunk_len[:, None] == 0).long()
         C = int(seg[:, -1].max()) + 1
-        # Scatter steps into a chunk layout [B, C, K]; steps of no chunk go to a discarded slot.
-        slot = torch.where(q >= 0, seg * K + q, C * K)  # [B, S]
+        layout = _Layout(seg * K + q, B, C, K)
+        reset = layout.scatter(starts[..., None].float())[:, :, 0, 0].bool()  # [B, C] chunk opens an episode
+        complete = layout.scatter((q == K - 1)[..., None].float())[:, :, K - 1, 0].bool()  # [B, C] has K steps
 
-        h = self.proj(z) + self.pos[q.clamp(min=0)]  # [B, S, D]
-        D = h.shape[-1]
-        layout = h.new_zeros(B, C * K + 1, D).scatter(1, slot[..., None].expand(-1, -1, D), h)
-        chunks = layout[:, :-1].reshape(B * C, K, D)
-        for blk in self.early:  # independent of the slow state: all chunks at once
-            chunks = blk(chunks, causal=True)
-        chunks = chunks.view(B, C, K, D)
+        h = self.proj(x) + self.pos[q]  # [B, T, D]
+        kv_cache = state["kv"]
+        new_kv, cached = [], 0
+        slow_per_chunk = None
+        for layer in self.layers:
+            if layer.ln_kv is None:
+                h, kv = self._self_attention(layer, h, layout, kv_cache[:, cached])
+                new_kv.append(kv)
+                cached += 1
+                continue
+            if slow_per_chunk is None:  # the first cross-attention: run the slow stream up to here
+                slow_per_chunk, slow, update_kv = self._slow_stream(
+                    h, layout, kv_cache[:, -1], state["slow"], reset, complete
+                )
+            h = self._cross_attention(layer, h, layout, slow_per_chunk)
+        new_kv.append(update_kv)
 
-        first = torch.zeros(B, C * K + 1, dtype=torch.bool, device=dev).scatter(1, slot, starts)
-        reset = first[:, :-1].view(B, C, K)[:, :, 0]  # [B, C] chunk begins an episode
-        filled = torch.zeros(B, C * K + 1, dtype=torch.bool, device=dev).scatter(1, slot, q == K - 1)
-        complete = filled[:, :-1].view(B, C, K)[:, :, -1]  # [B, C] chunk has all K steps
+        # Keys/values of the chunk in progress at the end of the call, positions 0 .. K-2.
+        last = (seg[:, -1] * K)[:, None] + torch.arange(K - 1, device=x.device)  # [B, K-1]
+        kv_state = torch.stack(
+            [c.reshape(B, C * K, -1).gather(1, last[..., None].expand(-1, -1, c.shape[-1])) for c in new_kv], 1
+        )
+        new_len = (q[:, -1] + 1) % K
+        # Zero the slots past the chunk's length, so the state is a function of the history alone.
+        kv_state = kv_state * (torch.arange(K - 1, device=x.device) < new_len[:, None])[:, None, :, None]
+        new_state = {"slow": slow, "kv": kv_state, "chunk_len": new_len}
+        return self.ln_out(h), new_state
 
-        slow, init = state["slow"].to(x.dtype), self.slow_init.expand(B, -1, -1)
-        outs = []
-        for c in range(C):
+    def _self_attention(
+        self, blk: Block, h: torch.Tensor, layout: _Layout, cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal attention within each chunk; returns new tokens and the chunk-layout keys/values [B,C,K,2D]."""
+        a = blk.ln_q(h)
+        kv = layout.scatter(blk.attn.kv(a), prefix=cache)  # [B, C, K, 2D]
+        query = _heads(layout.scatter(blk.attn.q(a)), self.H)  # [B, C, H, K, D/H]
+        key, value = _heads(kv, 2 * self.H).split(self.H, dim=2)
+        y = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        h = h + blk.attn.out(layout.gather(_merge(y)))
+        return h + blk.mlp(blk.ln_mlp(h)), kv
+
+    def _cross_attention(self, blk: Block, h: torch.Tensor, layout: _Layout, slow: torch.Tensor) -> torch.Tensor:
+        """Every step attends to the slow vectors as they were when its chunk began (slow: [B, C, N, D])."""
+        query = _heads(layout.scatter(blk.attn.q(blk.ln_q(h))), self.H)  # [B, C, H, K, D/H]
+        key, value = _heads(blk.attn.kv(blk.ln_kv(slow)), 2 * self.H).split(self.H, dim=2)  # [B, C, H, N, D/H]
+        y = F.scaled_dot_product_attention(query, key, value)
+        h = h + blk.attn.out(layout.gather(_merge(y)))
+        return h + blk.mlp(blk.ln_mlp(h))
+
+    def _slow_stream(
+        self,
+        h: torch.Tensor,
+        layout: _Layout,
+        cache: torch.Tensor,
+        slow: torch.Tensor,
+        reset: torch.Tensor,
+        complete: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The slow vectors at the start of every chunk [B, C, N, D], the final ones, and the update's keys."""
+        upd = self.update
+        kv = layout.scatter(upd.attn.kv(upd.ln_kv(h)), prefix=cache)  # [B, C, K, 2D], all chunks at once
+        keys, values = _heads(kv, 2 * self.H).split(self.H, dim=2)  # [B, C, H, K, D/H]
+        init = self.slow_init.expand_as(slow)
+        slow = slow.to(h.dtype)
+        per_chunk = []
+        for c in range(layout.C):  # the only sequential loop: T/K iterations (+1 per episode start)
             slow = torch.where(reset[:, c, None, None], init, slow)
-            y = chunks[:, c]  # [B, K, D]
-            for stage in self.stages:
-                y = stage[0](y, slow)
-                for blk in stage[1:]:
-                    y = blk(y, causal=True)
-            outs.append(y)
-            slow = torch.where(complete[:, c, None, None], self.update(slow, y), slow)
-
-        out = torch.stack(outs, 1).view(B, C * K, D)
-        out = out.gather(1, slot[:, P:, None].expand(-1, -1, D))  # [B, T, D]
-        new_state = {"slow": slow, "recent": z[:, T:], "chunk_len": (q[:, -1] + 1) % K}
-        return self.ln_out(out), new_state
+            per_chunk.append(slow)
+            if complete[:, c].any():
+                query = _heads(upd.attn.q(upd.ln_q(slow)), self.H)  # [B, H, N, D/H]
+                y = F.scaled_dot_product_attention(query, keys[:, c], values[:, c])
+                new = slow + upd.attn.out(_merge(y))
+                new = new + upd.mlp(upd.ln_mlp(new))
+                if self.gate is not None:
+                    g = torch.sigmoid(self.gate(torch.cat([slow, new], -1)))
+                    new = g * new + (1 - g) * slow
+                slow = torch.where(complete[:, c, None, None], new, slow)
+        return torch.stack(per_chunk, 1), slow, kv

@@ -56,7 +56,7 @@ class WindowTransformerCore(Core):
 
     def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
-        B, T, _ = x.shape
+        T = x.shape[1]
         M, dev = self.W - 1, x.device
         # Index i of a query step is M + t in the key sequence [memory, current]; key j is valid for i when
         # i - W < j <= i and j is not before the first step of i's episode.

@@ -1,0 +1,456 @@
+"""PPO with a swappable sequence-memory core (TLB by default), in the style of Stable-Baselines3's API.
+
+    model = PPO("MiniGrid-MemoryS7-v0", core="tlb", env_kwargs={"view_size": 3})
+    model.learn(1_000_000)
+    action, state = model.predict(obs, state, episode_start)
+
+Rollouts store each env's core state where a training segment begins; the update re-runs the core over
+whole segments with the current parameters, so no hidden state is stale inside a segment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agents.buffer import RolloutBatch, RolloutBuffer, explained_variance
+from agents.evaluate import EVAL_SEED_BASE, episode_success, evaluate
+from envs import make_env, make_vec_env
+from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
+from tlb_rl.config import from_dict, to_dict
+from tlb_rl.cores import State
+from tlb_rl.encoders import obs_to_tensor
+from tlb_rl.errors import UserError
+from tlb_rl.logger import RunLogger
+from tlb_rl.policy import SequencePolicy
+from tlb_rl.spaces import space_from_dict, space_to_dict
+
+
+@dataclass
+class PPOConfig:
+    """Everything a PPO run depends on; a YAML config under configs/ppo/ holds a subset of these keys."""
+
+    env: str = "MiniGrid-MemoryS7-v0"
+    """Environment: a Gymnasium id, ``module:Factory``, ``file.py:Factory`` or a plug-in name."""
+    env_kwargs: dict = field(default_factory=dict)
+    """Options of the environment (e.g. ``view_size: 3`` for MiniGrid)."""
+    core: str = "tlb"
+    """Memory core: tlb, lstm, gru, transformer, none."""
+    core_kwargs: dict = field(default_factory=dict)
+    """Hyperparameters of the core (see ``tlb_rl.cores``)."""
+    encoder_kwargs: dict = field(default_factory=dict)
+    """Options of the observation encoder."""
+    total_frames: int = 1_000_000
+    """Environment steps to train for, summed over envs."""
+    n_envs: int = 8
+    """Parallel environments."""
+    n_steps: int = 128
+    """Steps per env in one rollout."""
+    seq_len: int | None = None
+    """Length of the training segments the rollout is cut into (None: whole rollouts, ``n_steps``)."""
+    batch_size: int = 256
+    """Steps per minibatch (a multiple of ``seq_len``)."""
+    n_epochs: int = 4
+    """Passes over each rollout."""
+    learning_rate: float = 2.5e-4
+    anneal_lr: bool = True
+    """Decay the learning rate linearly to 0 over ``total_frames``."""
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    normalize_advantage: bool = True
+    target_kl: float | None = None
+    """Stop an update's epochs early once the approximate KL exceeds this."""
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` picks CUDA when there is one."""
+    vectorization: str = "auto"
+    """``sync`` (one process), ``async`` (a process per env) or ``auto``."""
+    torch_threads: int | None = None
+    """``torch.set_num_threads`` (None: torch's default)."""
+    eval_every: int = 100_000
+    """Frames between evaluations on held-out seeds (0: only at the end)."""
+    eval_episodes: int = 100
+    """Episodes per evaluation."""
+    checkpoint_every: int = 20
+    """Updates between checkpoints of the latest state."""
+    run_dir: str | None = None
+    """Directory for logs, checkpoints, plots (None: keep nothing on disk)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a loss or parameter became NaN/inf)."""
+
+
+def _env_name(env: Any) -> str:
+    if isinstance(env, str):
+        return env
+    return f"{getattr(env, '__module__', '?')}:{getattr(env, '__qualname__', repr(env))}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda") from None
+
+
+class PPO:
+    """Proximal Policy Optimization with a sequence policy.
+
+    :param env: anything ``envs.make_env`` takes (an id, ``module:Factory``, a callable).
+    :param core: the memory core's name.
+    :param hyperparameters: any other field of :class:`PPOConfig`.
+    """
+
+    def __init__(self, env: Any = "MiniGrid-MemoryS7-v0", core: str = "tlb", **hyperparameters: Any):
+        self.config = from_dict(PPOConfig, {"env": _env_name(env), "core": core, **hyperparameters}, "PPO")
+        self._env_spec = env
+        self._setup(None)
+
+    def _setup(self, spaces: tuple[gym.Space, gym.Space] | None) -> None:
+        cfg = self.config
+        if cfg.n_steps % self.seq_len or cfg.batch_size % self.seq_len:
+            raise UserError(
+                f"seq_len ({self.seq_len}) must divide n_steps ({cfg.n_steps}) and batch_size ({cfg.batch_size})"
+            )
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.device = resolve_device(cfg.device)
+        self.envs: gym.vector.VectorEnv | None = None
+        if spaces is None:
+            probe = make_env(self._env_spec, **cfg.env_kwargs)
+            spaces = (probe.observation_space, probe.action_space)
+            probe.close()
+        self.observation_space, self.action_space = spaces
+        torch.manual_seed(cfg.seed)
+        self.policy = SequencePolicy(*spaces, cfg.core, cfg.core_kwargs, cfg.encoder_kwargs).to(self.device)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.frames = self.updates = 0
+        self.best_success = -1.0
+        self._generator = torch.Generator().manual_seed(cfg.seed)
+        self._carry: tuple[Any, State, torch.Tensor] | None = None  # obs, core state, episode starts
+        self._episode_stats = _EpisodeStats(cfg.n_envs)
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len or self.config.n_steps
+
+    @property
+    def run_dir(self) -> Path | None:
+        return Path(self.config.run_dir) if self.config.run_dir else None
+
+    # ------------------------------------------------------------------ acting
+    def predict(
+        self,
+        obs: Any,
+        state: State | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, State]:
+        """Actions for a batch of observations (leading dim = envs), SB3-style.
+
+        :param state: the state returned by the previous call (None: fresh episodes).
+        :param episode_start: [envs] bools, true where an episode begins with this observation.
+        :return: actions as a numpy array and the new core state.
+        """
+        obs_t = obs_to_tensor(obs, self.device)
+        n = next(iter(obs_t.values())).shape[0] if isinstance(obs_t, dict) else obs_t.shape[0]
+        if state is None:
+            state = self.policy.initial_state(n, self.device)
+            episode_start = np.ones(n, dtype=bool)
+        starts = torch.as_tensor(
+            np.zeros(n, dtype=bool) if episode_start is None else episode_start, device=self.device
+        ).bool()
+        self.policy.eval()
+        actions, _, _, state = self.policy.act(obs_t, state, starts, deterministic)
+        return actions.cpu().numpy(), state
+
+    # ------------------------------------------------------------------ training
+    def learn(
+        self, total_frames: int | None = None, callback: Callable[..., bool | None] | None = None, progress: bool = True
+    ) -> PPO:
+        """Train until ``total_frames`` frames (default: the config's) have been collected in all.
+
+        :param callback: called as ``callback(model, metrics)`` after every update; returning False stops.
+        """
+        cfg = self.config
+        total = total_frames or cfg.total_frames
+        run_dir = self.run_dir
+        if run_dir is not None:
+            self._prepare_run_dir(run_dir)
+        self._ensure_envs()
+        buffer = RolloutBuffer(cfg.n_steps, cfg.n_envs, self.seq_len, self.device)
+        logger = RunLogger(run_dir, total, progress, start_frames=self.frames)
+        next_eval = (self.frames // cfg.eval_every + 1) * cfg.eval_every if cfg.eval_every else math.inf
+        try:
+            while self.frames < total:
+                t0 = time.perf_counter()
+                self._collect(buffer)
+                t1 = time.perf_counter()
+                metrics = self._update(buffer, total)
+                t2 = time.perf_counter()
+                self.frames += cfg.n_steps * cfg.n_envs
+                self.updates += 1
+                metrics.update(self._episode_stats.flush())
+                metrics["time/fps"] = cfg.n_steps * cfg.n_envs / (t2 - t0)
+                metrics["time/rollout_s"], metrics["time/update_s"] = t1 - t0, t2 - t1
+                if self.frames >= next_eval:
+                    metrics.update(self._evaluate_and_keep_best())
+                    next_eval += cfg.eval_every
+                logger.log(self.frames, metrics)
+                if run_dir is not None and self.updates % cfg.checkpoint_every == 0:
+                    self.save(run_dir / "checkpoints" / "latest.pt")
+                if callback is not None and callback(self, metrics) is False:
+                    break
+        finally:
+            logger.close()
+        if run_dir is not None:
+            self.save(run_dir / "checkpoints" / "latest.pt")
+        return self
+
+    def _ensure_envs(self) -> gym.vector.VectorEnv:
+        cfg = self.config
+        if self.envs is None:
+            self.envs = make_vec_env(
+                self._env_spec, cfg.n_envs, seed=cfg.seed, vectorization=cfg.vectorization, **cfg.env_kwargs
+            )
+        return self.envs
+
+    def _prepare_run_dir(self, run_dir: Path) -> None:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+
+    def _collect(self, buffer: RolloutBuffer) -> None:
+        cfg, envs, dev = self.config, self.envs, self.device
+        assert envs is not None
+        if self._carry is None:
+            # A resumed run restarts its episodes on fresh seeds, all below the evaluation seeds.
+            obs, _ = envs.reset(seed=(cfg.seed + 7919 * self.updates) % (EVAL_SEED_BASE - cfg.n_envs))
+            self._carry = (
+                obs,
+                self.policy.initial_state(cfg.n_envs, dev),
+                torch.ones(cfg.n_envs, dtype=torch.bool, device=dev),
+            )
+        obs, state, starts = self._carry
+        self.policy.eval()
+        for t in range(cfg.n_steps):
+            obs_t = obs_to_tensor(obs, dev)
+            prev_state = state
+            actions, log_probs, values, state = self.policy.act(obs_t, state, starts)
+            act_np = actions.cpu().numpy()
+            if isinstance(self.action_space, gym.spaces.Box):
+                act_np = np.clip(act_np, self.action_space.low, self.action_space.high)
+            obs, rewards, terminated, truncated, info = envs.step(act_np)
+            rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=dev)
+            if truncated.any():
+                rewards_t += cfg.gamma * self._final_values(info, truncated & ~terminated, state)
+            dones = np.logical_or(terminated, truncated)
+            buffer.add(
+                t, obs_t, prev_state, starts, actions, log_probs, values, rewards_t, torch.as_tensor(dones, device=dev)
+            )
+            self._episode_stats.step(rewards, dones, info)
+            starts = torch.as_tensor(dones, device=dev)
+        last_values = self.policy.value(obs_to_tensor(obs, dev), state, starts)
+        buffer.finish(last_values, cfg.gamma, cfg.gae_lambda)
+        self._carry = (obs, state, starts)
+
+    def _final_values(self, info: dict[str, Any], rows: np.ndarray, state: State) -> torch.Tensor:
+        """gamma-free V(final observation) for the truncated rows, 0 elsewhere: truncation is no end of task."""
+        idx = np.flatnonzero(rows)
+        out = torch.zeros(len(rows), device=self.device)
+        if len(idx) == 0:
+            return out
+        finals = info["final_obs"][idx]
+        stacked = (
+            {k: np.stack([o[k] for o in finals]) for k in finals[0]}
+            if isinstance(finals[0], dict)
+            else np.stack(finals)
+        )
+        rows_t = torch.as_tensor(idx, device=self.device)
+        sub_state = {k: v[rows_t] for k, v in state.items()}
+        no_start = torch.zeros(len(idx), dtype=torch.bool, device=self.device)
+        out[rows_t] = self.policy.value(obs_to_tensor(stacked, self.device), sub_state, no_start)
+        return out
+
+    def _update(self, buffer: RolloutBuffer, total: int) -> dict[str, float]:
+        cfg = self.config
+        if cfg.anneal_lr:
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * max(0.0, 1.0 - self.frames / total)
+        self.policy.train()
+        stats: dict[str, list[float]] = {}
+        for _ in range(cfg.n_epochs):
+            for batch in buffer.minibatches(cfg.batch_size, self._generator):
+                for k, v in self._gradient_step(batch).items():
+                    stats.setdefault(k, []).append(v)
+            if cfg.target_kl is not None and np.mean(stats["train/approx_kl"][-1:]) > cfg.target_kl:
+                break
+        metrics = {k: float(np.mean(v)) for k, v in stats.items()}
+        metrics["train/explained_variance"] = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
+        metrics["train/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _gradient_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """One clipped-PPO step on a minibatch of segments."""
+        cfg = self.config
+        dist, values, _ = self.policy(batch.obs, batch.states, batch.episode_starts)
+        B, T = batch.episode_starts.shape
+        log_probs = dist.log_prob(batch.actions.reshape(B * T, *batch.actions.shape[2:])).view(B, T)
+        adv = batch.advantages
+        if cfg.normalize_advantage and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        log_ratio = log_probs - batch.log_probs
+        ratio = log_ratio.exp()
+        policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range) * adv).mean()
+        value_loss = 0.5 * F.mse_loss(values, batch.returns)
+        entropy = dist.entropy().mean()
+        loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+        aux = self.policy.core.auxiliary_loss()
+        if aux is not None:
+            loss = loss + aux
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss.item()} in update {self.updates + 1}; stopping (the last "
+                "checkpoint is the last good state)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        with torch.no_grad():
+            approx_kl = ((ratio - 1) - log_ratio).mean().item()
+            clip_fraction = ((ratio - 1).abs() > cfg.clip_range).float().mean().item()
+        return {
+            "train/policy_loss": policy_loss.item(),
+            "train/value_loss": value_loss.item(),
+            "train/entropy": entropy.item(),
+            "train/approx_kl": approx_kl,
+            "train/clip_fraction": clip_fraction,
+            "train/grad_norm": grad_norm.item(),
+            **({"train/aux_loss": aux.item()} if aux is not None else {}),
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    def make_eval_env(self, **kwargs: Any) -> gym.Env:
+        return make_env(self._env_spec, **self.config.env_kwargs, **kwargs)
+
+    def evaluate(
+        self, n_episodes: int | None = None, gif_path: str | Path | None = None, deterministic: bool = False
+    ) -> dict[str, Any]:
+        """Success rate and returns on held-out env seeds (``EVAL_SEED_BASE`` onwards)."""
+        self.policy.eval()
+        return evaluate(
+            self.policy,
+            self.make_eval_env,
+            n_episodes or self.config.eval_episodes,
+            EVAL_SEED_BASE,
+            deterministic=deterministic,
+            gif_path=gif_path,
+        )
+
+    def _evaluate_and_keep_best(self) -> dict[str, float]:
+        result = self.evaluate()
+        if self.run_dir is not None and result["success_rate"] > self.best_success:
+            self.best_success = result["success_rate"]
+            self.save(self.run_dir / "checkpoints" / "best.pt")
+        return {
+            "eval/success_rate": result["success_rate"],
+            "eval/return": result["mean_return"],
+            "eval/length": result["mean_length"],
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        """Write the model, optimizer and progress to ``path`` (atomically)."""
+        save_checkpoint(
+            {
+                "algo": "ppo",
+                "config": to_dict(self.config),
+                "spaces": {
+                    "observation": space_to_dict(self.observation_space),
+                    "action": space_to_dict(self.action_space),
+                },
+                "policy": self.policy.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "progress": {"frames": self.frames, "updates": self.updates, "best_success": self.best_success},
+                "rng": {"torch": torch.get_rng_state(), "generator": self._generator.get_state()},
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, env: Any = None, **overrides: Any) -> PPO:
+        """Load a model saved by :meth:`save`; ``env`` and ``overrides`` replace the saved config's values."""
+        data = load_checkpoint(path)
+        if data.get("algo") != "ppo":
+            raise UserError(f"{path} is a '{data.get('algo')}' checkpoint, not a PPO one")
+        config = from_dict(PPOConfig, {**data["config"], **overrides}, "PPO")
+        model = cls.__new__(cls)
+        model.config = config
+        model._env_spec = env if env is not None else config.env
+        spaces = (space_from_dict(data["spaces"]["observation"]), space_from_dict(data["spaces"]["action"]))
+        model._setup(spaces)
+        try:
+            model.policy.load_state_dict(data["policy"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {path} does not fit its config: {str(e).splitlines()[0]}") from None
+        model.optimizer.load_state_dict(data["optimizer"])
+        progress = data["progress"]
+        model.frames, model.updates = progress["frames"], progress["updates"]
+        model.best_success = progress["best_success"]
+        torch.set_rng_state(data["rng"]["torch"])
+        model._generator.set_state(data["rng"]["generator"])
+        return model
+
+
+class _EpisodeStats:
+    """Returns, lengths and successes of the episodes that finished since the last flush."""
+
+    def __init__(self, n_envs: int):
+        self.ret, self.length = np.zeros(n_envs), np.zeros(n_envs, dtype=int)
+        self.finished: list[tuple[float, int, bool]] = []
+
+    def step(self, rewards: np.ndarray, dones: np.ndarray, info: dict[str, Any]) -> None:
+        self.ret += rewards
+        self.length += 1
+        for i in np.flatnonzero(dones):
+            # Same-step autoreset: the finished episode's info is under "final_info".
+            final = info.get("final_info", {})
+            reported = "is_success" in final and final["_is_success"][i]
+            env_info = {"is_success": final["is_success"][i]} if reported else {}
+            self.finished.append((float(self.ret[i]), int(self.length[i]), episode_success(self.ret[i], env_info)))
+            self.ret[i], self.length[i] = 0.0, 0
+
+    def flush(self) -> dict[str, float]:
+        if not self.finished:
+            return {}
+        r, n, s = zip(*self.finished, strict=True)
+        self.finished = []
+        return {
+            "rollout/return": float(np.mean(r)),
+            "rollout/length": float(np.mean(n)),
+            "rollout/success_rate": float(np.mean(s)),
+            "rollout/episodes": float(len(r)),
+        }
+
+
+__all__ = ["PPO", "PPOConfig", "TrainingError"]

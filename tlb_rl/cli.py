@@ -1,0 +1,123 @@
+"""The ``tlb-rl`` command: train, evaluate, list environments.
+
+Mistakes the user can fix print one line on stderr and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tlb_rl.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from agents.ppo import PPO, PPOConfig
+    from tlb_rl.config import apply_overrides, from_dict, load_yaml
+    from tlb_rl.plots import plot_learning_curve
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        overrides = apply_overrides({}, args.overrides)
+        model = PPO.load(run_dir / "checkpoints" / "latest.pt", run_dir=str(run_dir), **overrides)
+        print(f"resuming {run_dir} at {model.frames} frames", file=sys.stderr)
+    else:
+        data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
+        config = from_dict(PPOConfig, data)
+        if config.run_dir is None:
+            name = Path(args.config).stem if args.config else "ppo"
+            config.run_dir = str(Path("runs") / f"{name}-{config.core}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        fields = {k: v for k, v in vars(config).items() if k not in ("env", "core")}
+        model = PPO(config.env, config.core, **fields)
+    run_dir = model.run_dir
+    assert run_dir is not None
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", file=sys.stderr)
+    try:
+        model.learn(progress=not args.no_progress)
+    except KeyboardInterrupt:
+        model.save(run_dir / "checkpoints" / "latest.pt")
+        print(
+            f"\ninterrupted at {model.frames} frames; checkpoint saved. Resume with: tlb-rl train --resume {run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    _finish(model, run_dir, args.gif)
+    print(f"learning curve: {plot_learning_curve(run_dir)}")
+
+
+def _finish(model, run_dir: Path, gif: bool) -> None:
+    """Final evaluation on held-out seeds, written to final_eval.json, plus a GIF of one episode."""
+    best = run_dir / "checkpoints" / "best.pt"
+    if best.exists():
+        model = type(model).load(best, env=model._env_spec, run_dir=str(run_dir))
+    gif_path = run_dir / "episode.gif" if gif else None
+    result = model.evaluate(gif_path=gif_path)
+    result["checkpoint"] = str(best if best.exists() else run_dir / "checkpoints" / "latest.pt")
+    (run_dir / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"final evaluation on {result['episodes']} held-out episodes: success {result['success_rate']:.3f}, "
+        f"return {result['mean_return']:.3f}  ({run_dir / 'final_eval.json'})"
+    )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from agents.ppo import PPO
+
+    run_dir = Path(args.run_dir)
+    ckpt = run_dir if run_dir.is_file() else run_dir / "checkpoints" / f"{args.checkpoint}.pt"
+    if not ckpt.exists():
+        raise UserError(f"no checkpoint at {ckpt}: is {run_dir} a run directory of a run that saved one?")
+    model = PPO.load(ckpt)
+    result = model.evaluate(args.episodes, gif_path=args.gif, deterministic=args.deterministic)
+    summary = {k: result[k] for k in ("episodes", "success_rate", "mean_return", "mean_length")}
+    print(json.dumps(summary))
+
+
+def _envs(args: argparse.Namespace) -> None:
+    from envs import describe_envs
+
+    print(describe_envs())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlb-rl", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a PPO agent (TLB core by default)")
+    p.add_argument("--config", help="YAML config (configs/ppo/*.yaml); keys are PPOConfig fields")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-gif", dest="gif", action="store_false", help="skip the GIF of an evaluation episode")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. core=lstm")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out env seeds")
+    p.add_argument("run_dir", help="a run directory (or a checkpoint file)")
+    p.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which (default best)")
+    p.add_argument("--gif", help="write a GIF of the first episode here")
+    p.add_argument("--deterministic", action="store_true", help="take the most likely action")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("envs", help="list environment families and registered plug-ins")
+    p.set_defaults(func=_envs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"tlb-rl: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Gymnasium spaces to and from plain data, so checkpoints describe their policy without pickling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from tlb_rl.errors import UserError
+
+
+def space_to_dict(space: gym.Space) -> dict[str, Any]:
+    if isinstance(space, gym.spaces.Box):
+        return {
+            "type": "Box",
+            "low": space.low.tolist(),
+            "high": space.high.tolist(),
+            "shape": list(space.shape),
+            "dtype": str(space.dtype),
+        }
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "nvec": space.nvec.tolist(), "start": space.start.tolist()}
+    if isinstance(space, gym.spaces.MultiBinary):
+        return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "spaces": {k: space_to_dict(s) for k, s in space.spaces.items()}}
+    raise UserError(f"cannot store a {type(space).__name__} space in a checkpoint")
+
+
+def space_from_dict(data: dict[str, Any]) -> gym.Space:
+    kind = data["type"]
+    if kind == "Box":
+        dtype = np.dtype(data["dtype"])
+        low = np.asarray(data["low"], dtype=dtype).reshape(data["shape"])
+        high = np.asarray(data["high"], dtype=dtype).reshape(data["shape"])
+        return gym.spaces.Box(low, high, dtype=dtype)
+    if kind == "Discrete":
+        return gym.spaces.Discrete(data["n"], start=data["start"])
+    if kind == "MultiDiscrete":
+        return gym.spaces.MultiDiscrete(data["nvec"], start=data["start"])
+    if kind == "MultiBinary":
+        return gym.spaces.MultiBinary(data["n"])
+    if kind == "Dict":
+        return gym.spaces.Dict({k: space_from_dict(s) for k, s in data["spaces"].items()})
+    raise UserError(f"unknown space type '{kind}' in checkpoint")
