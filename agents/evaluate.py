@@ -14,7 +14,10 @@ from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.policy import SequencePolicy
 
 EVAL_SEED_BASE = 1_000_000
-"""Evaluation episodes use env seeds from here on; training envs are seeded with ``seed .. seed+n_envs-1``."""
+"""Env seeds of reported evaluations (final evaluation, ``tlb-rl eval``) start here."""
+VALIDATION_SEED_BASE = 500_000
+"""Env seeds of the evaluations that pick the best checkpoint during training start here, so the reported
+success is not measured on the episodes that selected the checkpoint. Training envs use seeds below."""
 
 
 def episode_success(reward_sum: float, info: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.buffer import RolloutBatch, RolloutBuffer, explained_variance
-from agents.evaluate import EVAL_SEED_BASE, episode_success, evaluate
+from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE, episode_success, evaluate
 from envs import make_env, make_vec_env
 from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
 from tlb_rl.config import from_dict, to_dict
@@ -82,7 +82,7 @@ class PPOConfig:
     torch_threads: int | None = None
     """``torch.set_num_threads`` (None: torch's default)."""
     eval_every: int = 100_000
-    """Frames between evaluations on held-out seeds (0: only at the end)."""
+    """Frames between evaluations on held-out validation seeds, which pick ``best.pt`` (0: none)."""
     eval_episodes: int = 100
     """Episodes per evaluation."""
     checkpoint_every: int = 20
@@ -120,7 +120,7 @@ class PPO:
 
     def __init__(self, env: Any = "MiniGrid-MemoryS7-v0", core: str = "tlb", **hyperparameters: Any):
         self.config = from_dict(PPOConfig, {"env": _env_name(env), "core": core, **hyperparameters}, "PPO")
-        self._env_spec = env
+        self.env_spec = env
         self._setup(None)
 
     def _setup(self, spaces: tuple[gym.Space, gym.Space] | None) -> None:
@@ -134,7 +134,7 @@ class PPO:
         self.device = resolve_device(cfg.device)
         self.envs: gym.vector.VectorEnv | None = None
         if spaces is None:
-            probe = make_env(self._env_spec, **cfg.env_kwargs)
+            probe = make_env(self.env_spec, **cfg.env_kwargs)
             spaces = (probe.observation_space, probe.action_space)
             probe.close()
         self.observation_space, self.action_space = spaces
@@ -228,7 +228,7 @@ class PPO:
         cfg = self.config
         if self.envs is None:
             self.envs = make_vec_env(
-                self._env_spec, cfg.n_envs, seed=cfg.seed, vectorization=cfg.vectorization, **cfg.env_kwargs
+                self.env_spec, cfg.n_envs, seed=cfg.seed, vectorization=cfg.vectorization, **cfg.env_kwargs
             )
         return self.envs
 
@@ -244,7 +244,7 @@ class PPO:
         assert envs is not None
         if self._carry is None:
             # A resumed run restarts its episodes on fresh seeds, all below the evaluation seeds.
-            obs, _ = envs.reset(seed=(cfg.seed + 7919 * self.updates) % (EVAL_SEED_BASE - cfg.n_envs))
+            obs, _ = envs.reset(seed=(cfg.seed + 7919 * self.updates) % (VALIDATION_SEED_BASE - cfg.n_envs))
             self._carry = (
                 obs,
                 self.policy.initial_state(cfg.n_envs, dev),
@@ -351,31 +351,35 @@ class PPO:
 
     # ------------------------------------------------------------------ evaluation
     def make_eval_env(self, **kwargs: Any) -> gym.Env:
-        return make_env(self._env_spec, **self.config.env_kwargs, **kwargs)
+        return make_env(self.env_spec, **self.config.env_kwargs, **kwargs)
 
     def evaluate(
-        self, n_episodes: int | None = None, gif_path: str | Path | None = None, deterministic: bool = False
+        self,
+        n_episodes: int | None = None,
+        gif_path: str | Path | None = None,
+        deterministic: bool = False,
+        seed_start: int = EVAL_SEED_BASE,
     ) -> dict[str, Any]:
-        """Success rate and returns on held-out env seeds (``EVAL_SEED_BASE`` onwards)."""
+        """Success rate and returns on held-out env seeds (``seed_start`` onwards; never training seeds)."""
         self.policy.eval()
         return evaluate(
             self.policy,
             self.make_eval_env,
             n_episodes or self.config.eval_episodes,
-            EVAL_SEED_BASE,
+            seed_start,
             deterministic=deterministic,
             gif_path=gif_path,
         )
 
     def _evaluate_and_keep_best(self) -> dict[str, float]:
-        result = self.evaluate()
+        result = self.evaluate(seed_start=VALIDATION_SEED_BASE)
         if self.run_dir is not None and result["success_rate"] > self.best_success:
             self.best_success = result["success_rate"]
             self.save(self.run_dir / "checkpoints" / "best.pt")
         return {
-            "eval/success_rate": result["success_rate"],
-            "eval/return": result["mean_return"],
-            "eval/length": result["mean_length"],
+            "validation/success_rate": result["success_rate"],
+            "validation/return": result["mean_return"],
+            "validation/length": result["mean_length"],
         }
 
     # ------------------------------------------------------------------ persistence
@@ -406,7 +410,7 @@ class PPO:
         config = from_dict(PPOConfig, {**data["config"], **overrides}, "PPO")
         model = cls.__new__(cls)
         model.config = config
-        model._env_spec = env if env is not None else config.env
+        model.env_spec = env if env is not None else config.env
         spaces = (space_from_dict(data["spaces"]["observation"]), space_from_dict(data["spaces"]["action"]))
         model._setup(spaces)
         try:

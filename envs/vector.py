@@ -15,7 +15,7 @@ from tlb_rl.errors import UserError
 
 VECTORIZATIONS = ("auto", "sync", "async")
 
-# Measured with `python -m benchmarks.envs --sweep` on the project's 2-core machine, 8 envs, async/sync env
+# Measured with `python benchmarks/env_speed.py --sweep` on the project's 2-core machine, 8 envs, async/sync env
 # steps/s at 0, 50, 100, 200, 500, 1000 us of work per step: 0.08, 0.45, 0.62, 1.08, 1.41, 1.55 (other
 # sessions running, load not recorded); with load 6-9 from other sessions the ratios scatter (0.06 to 2.3)
 # and async pays nowhere reliably. MiniGrid-MemoryS7 (~130 us a step) is faster in one process by the median

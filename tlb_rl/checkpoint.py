@@ -29,6 +29,7 @@ def save_checkpoint(data: dict[str, Any], path: str | Path) -> None:
     except OSError as e:
         raise UserError(f"cannot write checkpoint to {path.parent}: {e.strerror}") from None
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is as readable as any other output
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **data}, f)
             f.flush()

@@ -52,8 +52,11 @@ def _finish(model, run_dir: Path, gif: bool) -> None:
     """Final evaluation on held-out seeds, written to final_eval.json, plus a GIF of one episode."""
     best = run_dir / "checkpoints" / "best.pt"
     if best.exists():
-        model = type(model).load(best, env=model._env_spec, run_dir=str(run_dir))
-    gif_path = run_dir / "episode.gif" if gif else None
+        model = type(model).load(best, env=model.env_spec, run_dir=str(run_dir))
+    probe = model.make_eval_env()
+    can_render = "rgb_array" in probe.metadata.get("render_modes", [])
+    probe.close()
+    gif_path = run_dir / "episode.gif" if gif and can_render else None
     result = model.evaluate(gif_path=gif_path)
     result["checkpoint"] = str(best if best.exists() else run_dir / "checkpoints" / "latest.pt")
     (run_dir / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -68,6 +71,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run_dir)
     ckpt = run_dir if run_dir.is_file() else run_dir / "checkpoints" / f"{args.checkpoint}.pt"
+    if args.checkpoint == "best" and not ckpt.exists() and not run_dir.is_file():
+        ckpt = run_dir / "checkpoints" / "latest.pt"  # no evaluation ran during training
     if not ckpt.exists():
         raise UserError(f"no checkpoint at {ckpt}: is {run_dir} a run directory of a run that saved one?")
     model = PPO.load(ckpt)

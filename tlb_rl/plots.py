@@ -20,14 +20,14 @@ def plot_learning_curve(run_dir: str | Path, out: str | Path | None = None) -> P
     fig, (ax_s, ax_r) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, label, ax in [
         ("rollout/success_rate", "training episodes", ax_s),
-        ("eval/success_rate", "held-out eval", ax_s),
+        ("validation/success_rate", "held-out validation seeds", ax_s),
         ("rollout/return", "training episodes", ax_r),
-        ("eval/return", "held-out eval", ax_r),
+        ("validation/return", "held-out validation seeds", ax_r),
     ]:
         points = [(r["frames"], r[key]) for r in rows if key in r]
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o" if key.startswith("eval") else None, ms=3, label=label)
+            ax.plot(xs, ys, marker="o" if key.startswith("validation") else None, ms=3, label=label)
     for ax, title in [(ax_s, "success rate"), (ax_r, "return")]:
         ax.set_xlabel("frames")
         ax.set_title(title)

@@ -30,11 +30,11 @@ class WindowTransformerCore(Core):
     def __init__(
         self,
         input_dim: int,
-        d_model: int = 128,
+        d_model: int = 64,
         window: int = 32,
         n_layers: int = 2,
         n_heads: int = 4,
-        mlp_ratio: int = 4,
+        mlp_ratio: int = 2,
         dropout: float = 0.0,
     ):
         super().__init__()

@@ -1,6 +1,6 @@
 """Env steps/s: one plain env against 8 vectorized envs, sync (one process) and async (subprocesses).
 
-Run from the repository root: ``.venv/bin/python -m benchmarks.envs`` (prints JSON, then a summary).
+Run from the repository root: ``.venv/bin/python benchmarks/env_speed.py`` (prints JSON, then a summary).
 The envs are built once, then timed in alternating windows and summarised by the median, so load from
 other processes hits every variant alike. ``--sweep`` adds a synthetic env whose step burns a chosen
 number of microseconds, to find where async starts to pay (the rule behind ``vectorization="auto"``).
@@ -12,15 +12,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):
-    # Run as a file, this folder would come first on sys.path and this module would shadow the envs package.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import gymnasium as gym
 import numpy as np

@@ -1,0 +1,124 @@
+"""The ``tlb-rl`` command: a tiny training run end to end, evaluation, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tlb_rl.cli import main
+
+TINY = [
+    "env=tmaze",
+    "env_kwargs.corridor_length=3",
+    "n_envs=2",
+    "n_steps=16",
+    "batch_size=32",
+    "total_frames=96",
+    "eval_every=64",
+    "eval_episodes=4",
+    "vectorization=sync",
+    "core_kwargs.d_model=16",
+    "core_kwargs.n_heads=2",
+    "core_kwargs.chunk_size=4",
+]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_writes_a_complete_run_directory_and_eval_reads_it(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(["train", "--no-progress", *TINY, f"run_dir={run_dir}"], capsys)
+    assert code == 0, err
+    for name in ["config.json", "metrics.jsonl", "metrics.csv", "final_eval.json", "learning_curve.png"]:
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "latest.pt").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert any((run_dir / "tb").iterdir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["frames"] for r in rows] == [32, 64, 96]
+    assert "validation/success_rate" in rows[1] and "train/approx_kl" in rows[0]
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    assert final["episodes"] == 4 and min(final["seeds"]) >= 1_000_000
+    assert json.loads((run_dir / "config.json").read_text())["core"] == "tlb"
+
+    code, out, err = run_cli(["eval", str(run_dir), "--episodes", "6"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["episodes"] == 6
+
+    code, out, err = run_cli(["train", "--no-progress", "--resume", str(run_dir), "total_frames=128"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["frames"] for r in rows] == [32, 64, 96, 128]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "env=MiniGrid-MemoryS7-v9"], "MiniGrid-MemoryS7-v0"),
+        (
+            ["train", "env=tmaze", "learnin_rate=0.1"],
+            "unknown config key 'learnin_rate' (did you mean 'learning_rate'?)",
+        ),
+        (["train", "env=tmaze", "n_steps=many"], "'n_steps' must be int"),
+        (["train", "env=tmaze", "core=lstn"], "unknown core 'lstn' (did you mean 'lstm'?)"),
+        (["train", "env=tmaze", "core_kwargs.chunk=3"], "core 'tlb' has no hyperparameter 'chunk'"),
+        (["train", "env=tmaze", "core_kwargs.chunk_size=0"], "chunk_size"),
+        (["train", "--config", "no/such/config.yaml"], "config file not found"),
+        (["eval", "no/such/run"], "no checkpoint at"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(args, message, capsys):
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tlb-rl: error:"), err
+    assert message in lines[0]
+
+
+def test_corrupt_and_malicious_checkpoints_are_refused(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    code, _, err = run_cli(["eval", str(corrupt)], capsys)
+    assert code == 2 and "corrupt" in err
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": Exploit()}, evil)
+    code, _, err = run_cli(["eval", str(evil)], capsys)
+    assert code == 2 and "refusing to load" in err
+    assert not marker.exists(), "loading a checkpoint ran code"
+
+    pickled = tmp_path / "pickled.pt"
+    pickled.write_bytes(pickle.dumps({"a": 1}))
+    code, _, err = run_cli(["eval", str(pickled)], capsys)
+    assert code == 2 and err.count("\n") == 1
+
+
+def test_console_script_lists_commands_and_envs():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "tlb_rl.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("train", "eval", "envs"):
+        assert command in help_text
+    listing = subprocess.run(
+        [sys.executable, "-m", "tlb_rl.cli", "envs"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "MiniGrid-MemoryS7-v0" in listing and "tmaze" in listing
