@@ -71,7 +71,7 @@ class RolloutBuffer:
         self.dones = torch.zeros(shape, dtype=torch.bool, device=device)
         self.rewards, self.values, self.log_probs = (torch.zeros(shape, device=device) for _ in range(3))
         self.actions: torch.Tensor | None = None
-        self.advantages = self.returns = torch.zeros(shape, device=device)
+        self.advantages, self.returns = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
     def add(
         self,

@@ -12,6 +12,7 @@ import torch
 
 from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.policy import SequencePolicy
+from tlb_rl.spaces import clip_to_space, stack_observations
 
 EVAL_SEED_BASE = 1_000_000
 """Env seeds of reported evaluations (final evaluation, ``tlb-rl eval``) start here."""
@@ -59,14 +60,14 @@ def evaluate(
     frames: list[np.ndarray] = [envs[0].render()] if gif_path else []
     recording = bool(gif_path)
     while active.any():
-        batch = obs_to_tensor(_stack(obs), device)
+        batch = obs_to_tensor(stack_observations(obs), device)
         actions, _, _, state = policy.act(batch, state, starts, deterministic=deterministic)
         actions = actions.cpu().numpy()
         starts = torch.zeros_like(starts)
         for i, env in enumerate(envs):
             if not active[i]:
                 continue
-            o, r, term, trunc, info = env.step(_clip(actions[i], env.action_space))
+            o, r, term, trunc, info = env.step(clip_to_space(actions[i], env.action_space))
             ret[i] += r
             length[i] += 1
             if i == 0 and recording:
@@ -100,13 +101,3 @@ def evaluate(
         "seeds": [r[0] for r in results],
         "returns": returns,
     }
-
-
-def _stack(obs: list[Any]) -> Any:
-    if isinstance(obs[0], dict):
-        return {k: np.stack([o[k] for o in obs]) for k in obs[0]}
-    return np.stack(obs)
-
-
-def _clip(action: np.ndarray, space: gym.Space) -> np.ndarray:
-    return np.clip(action, space.low, space.high) if isinstance(space, gym.spaces.Box) else action

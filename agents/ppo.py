@@ -30,10 +30,10 @@ from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
 from tlb_rl.config import from_dict, to_dict
 from tlb_rl.cores import State
 from tlb_rl.encoders import obs_to_tensor
-from tlb_rl.errors import UserError
+from tlb_rl.errors import TrainingError, UserError
 from tlb_rl.logger import RunLogger
 from tlb_rl.policy import SequencePolicy
-from tlb_rl.spaces import space_from_dict, space_to_dict
+from tlb_rl.spaces import clip_to_space, space_from_dict, space_to_dict, stack_observations
 
 
 @dataclass
@@ -63,18 +63,27 @@ class PPOConfig:
     n_epochs: int = 4
     """Passes over each rollout."""
     learning_rate: float = 2.5e-4
+    """Adam's step size (at the start, when annealed)."""
     anneal_lr: bool = True
     """Decay the learning rate linearly to 0 over ``total_frames``."""
     gamma: float = 0.99
+    """Discount factor."""
     gae_lambda: float = 0.95
+    """GAE's lambda: 0 is one-step TD, 1 Monte Carlo."""
     clip_range: float = 0.2
+    """PPO's clip of the probability ratio."""
     ent_coef: float = 0.01
+    """Weight of the entropy bonus."""
     vf_coef: float = 0.5
+    """Weight of the value loss."""
     max_grad_norm: float = 0.5
+    """Clip of the global gradient norm."""
     normalize_advantage: bool = True
+    """Normalise advantages per minibatch."""
     target_kl: float | None = None
     """Stop an update's epochs early once the approximate KL exceeds this."""
     seed: int = 0
+    """Seeds torch, the minibatch order, and the envs (env i gets seed + i)."""
     device: str = "auto"
     """``auto`` picks CUDA when there is one."""
     vectorization: str = "auto"
@@ -90,12 +99,32 @@ class PPOConfig:
     run_dir: str | None = None
     """Directory for logs, checkpoints, plots (None: keep nothing on disk)."""
 
+    def __post_init__(self) -> None:
+        at_least = {
+            "total_frames": 1,
+            "n_envs": 1,
+            "n_steps": 1,
+            "batch_size": 1,
+            "n_epochs": 1,
+            "checkpoint_every": 1,
+            "eval_every": 0,
+            "eval_episodes": 1,
+            "seq_len": 1,
+            "torch_threads": 1,
+        }
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            if value is not None and value < low:
+                raise UserError(f"PPO key '{key}' must be at least {low}, got {value}")
+        for key in ("learning_rate", "clip_range", "max_grad_norm"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"PPO key '{key}' must be positive, got {getattr(self, key)}")
+        if self.vectorization not in ("auto", "sync", "async"):
+            raise UserError(f"vectorization must be auto, sync or async, got '{self.vectorization}'")
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (a loss or parameter became NaN/inf)."""
 
-
-def _env_name(env: Any) -> str:
+def _spec_name(env: Any) -> str:
+    """A string for the config: the spec itself, or where a callable spec is defined."""
     if isinstance(env, str):
         return env
     return f"{getattr(env, '__module__', '?')}:{getattr(env, '__qualname__', repr(env))}"
@@ -105,9 +134,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but this machine has no CUDA GPU; use device=cpu or auto")
+    return device
 
 
 class PPO:
@@ -119,9 +151,18 @@ class PPO:
     """
 
     def __init__(self, env: Any = "MiniGrid-MemoryS7-v0", core: str = "tlb", **hyperparameters: Any):
-        self.config = from_dict(PPOConfig, {"env": _env_name(env), "core": core, **hyperparameters}, "PPO")
+        self.config = from_dict(PPOConfig, {"env": _spec_name(env), "core": core, **hyperparameters}, "PPO")
         self.env_spec = env
         self._setup(None)
+
+    @classmethod
+    def from_config(cls, config: PPOConfig, env: Any = None) -> PPO:
+        """A new model from a validated config (``env`` replaces ``config.env``, e.g. by a callable)."""
+        model = cls.__new__(cls)
+        model.config = config
+        model.env_spec = env if env is not None else config.env
+        model._setup(None)
+        return model
 
     def _setup(self, spaces: tuple[gym.Space, gym.Space] | None) -> None:
         cfg = self.config
@@ -179,7 +220,7 @@ class PPO:
         ).bool()
         self.policy.eval()
         actions, _, _, state = self.policy.act(obs_t, state, starts, deterministic)
-        return actions.cpu().numpy(), state
+        return clip_to_space(actions.cpu().numpy(), self.action_space), state
 
     # ------------------------------------------------------------------ training
     def learn(
@@ -212,7 +253,7 @@ class PPO:
                 metrics["time/rollout_s"], metrics["time/update_s"] = t1 - t0, t2 - t1
                 if self.frames >= next_eval:
                     metrics.update(self._evaluate_and_keep_best())
-                    next_eval += cfg.eval_every
+                    next_eval = (self.frames // cfg.eval_every + 1) * cfg.eval_every
                 logger.log(self.frames, metrics)
                 if run_dir is not None and self.updates % cfg.checkpoint_every == 0:
                     self.save(run_dir / "checkpoints" / "latest.pt")
@@ -227,10 +268,25 @@ class PPO:
     def _ensure_envs(self) -> gym.vector.VectorEnv:
         cfg = self.config
         if self.envs is None:
-            self.envs = make_vec_env(
+            envs = make_vec_env(
                 self.env_spec, cfg.n_envs, seed=cfg.seed, vectorization=cfg.vectorization, **cfg.env_kwargs
             )
+            # A loaded model may meet an env other than the one it was built for.
+            for kind, have, want in [
+                ("observation", envs.single_observation_space, self.observation_space),
+                ("action", envs.single_action_space, self.action_space),
+            ]:
+                if have != want:
+                    envs.close()
+                    raise UserError(f"env '{cfg.env}' has {kind} space {have}, but the model was built for {want}")
+            self.envs = envs
         return self.envs
+
+    def close(self) -> None:
+        """Close the environments (their worker processes, if any)."""
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
 
     def _prepare_run_dir(self, run_dir: Path) -> None:
         try:
@@ -256,9 +312,8 @@ class PPO:
             obs_t = obs_to_tensor(obs, dev)
             prev_state = state
             actions, log_probs, values, state = self.policy.act(obs_t, state, starts)
-            act_np = actions.cpu().numpy()
-            if isinstance(self.action_space, gym.spaces.Box):
-                act_np = np.clip(act_np, self.action_space.low, self.action_space.high)
+            # The env gets actions inside its bounds; the buffer keeps the sampled ones for their log-prob.
+            act_np = clip_to_space(actions.cpu().numpy(), self.action_space)
             obs, rewards, terminated, truncated, info = envs.step(act_np)
             rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=dev)
             if truncated.any():
@@ -279,12 +334,7 @@ class PPO:
         out = torch.zeros(len(rows), device=self.device)
         if len(idx) == 0:
             return out
-        finals = info["final_obs"][idx]
-        stacked = (
-            {k: np.stack([o[k] for o in finals]) for k in finals[0]}
-            if isinstance(finals[0], dict)
-            else np.stack(finals)
-        )
+        stacked = stack_observations(list(info["final_obs"][idx]))
         rows_t = torch.as_tensor(idx, device=self.device)
         sub_state = {k: v[rows_t] for k, v in state.items()}
         no_start = torch.zeros(len(idx), dtype=torch.bool, device=self.device)
@@ -299,10 +349,12 @@ class PPO:
         self.policy.train()
         stats: dict[str, list[float]] = {}
         for _ in range(cfg.n_epochs):
+            epoch_kl = []
             for batch in buffer.minibatches(cfg.batch_size, self._generator):
                 for k, v in self._gradient_step(batch).items():
                     stats.setdefault(k, []).append(v)
-            if cfg.target_kl is not None and np.mean(stats["train/approx_kl"][-1:]) > cfg.target_kl:
+                epoch_kl.append(stats["train/approx_kl"][-1])
+            if cfg.target_kl is not None and np.mean(epoch_kl) > cfg.target_kl:
                 break
         metrics = {k: float(np.mean(v)) for k, v in stats.items()}
         metrics["train/explained_variance"] = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
@@ -365,7 +417,7 @@ class PPO:
         return evaluate(
             self.policy,
             self.make_eval_env,
-            n_episodes or self.config.eval_episodes,
+            self.config.eval_episodes if n_episodes is None else n_episodes,
             seed_start,
             deterministic=deterministic,
             gif_path=gif_path,
@@ -396,7 +448,11 @@ class PPO:
                 "policy": self.policy.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "progress": {"frames": self.frames, "updates": self.updates, "best_success": self.best_success},
-                "rng": {"torch": torch.get_rng_state(), "generator": self._generator.get_state()},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "generator": self._generator.get_state(),
+                },
             },
             path,
         )
@@ -407,6 +463,9 @@ class PPO:
         data = load_checkpoint(path)
         if data.get("algo") != "ppo":
             raise UserError(f"{path} is a '{data.get('algo')}' checkpoint, not a PPO one")
+        missing = {"config", "spaces", "policy", "optimizer", "progress", "rng"} - set(data)
+        if missing:
+            raise UserError(f"checkpoint {path} is incomplete: it has no {', '.join(sorted(missing))}")
         config = from_dict(PPOConfig, {**data["config"], **overrides}, "PPO")
         model = cls.__new__(cls)
         model.config = config
@@ -415,13 +474,18 @@ class PPO:
         model._setup(spaces)
         try:
             model.policy.load_state_dict(data["policy"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {path} does not fit its config: {str(e).splitlines()[0]}") from None
-        model.optimizer.load_state_dict(data["optimizer"])
+            model.optimizer.load_state_dict(data["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"checkpoint {path} does not fit its config (core or spaces differ): {msg}") from None
+        for group in model.optimizer.param_groups:  # a learning_rate override wins over the saved one
+            group["lr"] = config.learning_rate
         progress = data["progress"]
         model.frames, model.updates = progress["frames"], progress["updates"]
         model.best_success = progress["best_success"]
         torch.set_rng_state(data["rng"]["torch"])
+        if data["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(data["rng"]["cuda"])
         model._generator.set_state(data["rng"]["generator"])
         return model
 
@@ -457,4 +521,4 @@ class _EpisodeStats:
         }
 
 
-__all__ = ["PPO", "PPOConfig", "TrainingError"]
+__all__ = ["PPO", "PPOConfig"]

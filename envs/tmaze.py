@@ -35,7 +35,7 @@ class TMazeEnv(gym.Env[np.ndarray, np.int64]):
 
     :param corridor_length: L, the steps between the cue and the junction (the memory length), >= 0.
     :param active: the agent must walk the corridor with action 2 instead of being carried.
-    :param max_steps: time limit of the active variant; default 2 (L + 1). Ignored when passive.
+    :param max_steps: time limit of the active variant; default 2 * (L + 1). Ignored when passive.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}

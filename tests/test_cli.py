@@ -58,10 +58,24 @@ def test_train_writes_a_complete_run_directory_and_eval_reads_it(tmp_path, capsy
     assert code == 0, err
     assert json.loads(out)["episodes"] == 6
 
-    code, out, err = run_cli(["train", "--no-progress", "--resume", str(run_dir), "total_frames=128"], capsys)
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "validation/success_rate" in header and "train/approx_kl" in header
+
+    saved = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    code, out, err = run_cli(
+        ["train", "--no-progress", "--resume", str(run_dir), "total_frames=128", "env_kwargs.corridor_length=4"],
+        capsys,
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["frames"] for r in rows] == [32, 64, 96, 128]
+    resumed = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    # The resumed run started from the saved weights and optimizer: Adam's step count went on from there.
+    steps = [s["step"] for s in resumed["optimizer"]["state"].values()]
+    saved_steps = [s["step"] for s in saved["optimizer"]["state"].values()]
+    assert all(a == b + 4 for a, b in zip(steps, saved_steps, strict=True))  # one update: 4 epochs x 1 minibatch
+    assert resumed["config"]["env_kwargs"] == {"corridor_length": 4}
+    assert resumed["config"]["core_kwargs"] == saved["config"]["core_kwargs"]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ import torch
 
 from agents import PPO
 from agents.buffer import RolloutBuffer, compute_gae
+from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE
+from agents.ppo import _EpisodeStats
 from tlb_rl.cores import CORES
 from tlb_rl.errors import UserError
 
@@ -106,11 +108,14 @@ def test_truncation_bootstraps_termination_does_not(truncate):
     rewards = buffer.rewards[:, 0]
     normal = [0, 1, 3, 4]
     assert torch.all(rewards[normal] == 1.0)
+    # V(final observation), computed from the state after the episode's three steps.
+    policy = model.policy
+    obs = buffer.obs[:3, :1].transpose(0, 1)  # env 0's first episode, [1, 3, 2]
+    _, _, state = policy(obs, policy.initial_state(1), torch.tensor([[True, False, False]]))
+    final_value = policy.value(torch.tensor([[1.0, 1.0]]), state, torch.tensor([False]))
+    expected = 1.0 + 0.5 * final_value.item() if truncate else 1.0
     for t in (2, 5):  # the last step of each episode
-        if truncate:
-            assert rewards[t] != 1.0, "a truncated episode must add gamma * V(final observation)"
-        else:
-            assert rewards[t] == 1.0
+        assert rewards[t].item() == pytest.approx(expected, abs=1e-5)
     assert buffer.dones[[2, 5], 0].all()
 
 
@@ -153,6 +158,63 @@ def test_save_load_predict_roundtrip(tmp_path):
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k])
     assert loaded.frames == model.frames == 16
+
+
+def test_learning_rate_anneals_linearly():
+    model = PPO("tmaze", core="none", n_envs=2, n_steps=8, batch_size=16, learning_rate=1e-3, vectorization="sync")
+    lrs = []
+    model.learn(64, progress=False, callback=lambda m, metrics: lrs.append(metrics["train/learning_rate"]))
+    assert lrs == pytest.approx([1e-3 * (1 - f / 64) for f in range(0, 64, 16)])
+
+
+def test_episode_statistics_read_success_of_the_finished_episode():
+    """With same-step autoreset the finished episode's info is under final_info; the top level is the reset's."""
+    stats = _EpisodeStats(2)
+    info = {
+        "final_info": {"is_success": np.array([False, True]), "_is_success": np.array([False, True])},
+        "is_success": np.array([True, True]),  # what a reset might report: must be ignored
+    }
+    stats.step(np.array([0.0, 0.0]), np.array([False, True]), {})
+    stats.step(np.array([0.0, 0.0]), np.array([False, True]), info)
+    out = stats.flush()
+    assert out["rollout/episodes"] == 2 and out["rollout/success_rate"] == 0.5
+
+
+class BoxActionEnv(ConstantEnv):
+    action_space = gym.spaces.Box(-0.1, 0.1, (2,), np.float32)
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action, np.float32)), action
+        return super().step(0)
+
+
+def test_box_actions_are_clipped_for_the_env_and_kept_for_the_log_prob():
+    model = PPO(BoxActionEnv, core="none", n_envs=2, n_steps=12, batch_size=24, vectorization="sync")
+    model._ensure_envs()
+    buffer = RolloutBuffer(12, 2, 12, model.device)
+    model._collect(buffer)  # BoxActionEnv asserts every action it gets is inside its bounds
+    assert buffer.actions.abs().max() > 0.1, "the buffer keeps the sampled (unclipped) actions"
+    actions, _ = model.predict(np.zeros((3, 2), np.float32))
+    assert np.abs(actions).max() <= 0.1
+
+
+def test_training_env_seeds_stay_below_validation_and_eval_seeds():
+    model = PPO("tmaze", core="none", n_envs=4, n_steps=4, batch_size=16, vectorization="sync")
+    model.updates = 10**6  # a long resumed run
+    model._ensure_envs()
+    seen = []
+    original = model.envs.reset
+    model.envs.reset = lambda seed=None, **kw: (seen.append(seed), original(seed=seed, **kw))[1]
+    model._collect(RolloutBuffer(4, 4, 4, model.device))
+    assert seen and seen[0] >= 0 and seen[0] + 4 <= VALIDATION_SEED_BASE < EVAL_SEED_BASE
+
+
+def test_loaded_model_refuses_an_env_with_other_spaces(tmp_path):
+    model = PPO("tmaze", core="none", env_kwargs={"active": True}, n_envs=2, n_steps=4, batch_size=8)
+    model.save(tmp_path / "m.pt")
+    loaded = PPO.load(tmp_path / "m.pt", env_kwargs={})  # the passive T-maze has 2 actions, not 3
+    with pytest.raises(UserError, match="action space"):
+        loaded.learn(8, progress=False)
 
 
 def test_bad_hyperparameters_are_user_errors():

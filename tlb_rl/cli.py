@@ -10,28 +10,36 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tlb_rl.errors import UserError
+from tlb_rl.errors import TrainingError, UserError
+
+if TYPE_CHECKING:
+    from agents.ppo import PPO
 
 
 def _train(args: argparse.Namespace) -> None:
     from agents.ppo import PPO, PPOConfig
+    from tlb_rl.checkpoint import load_checkpoint
     from tlb_rl.config import apply_overrides, from_dict, load_yaml
     from tlb_rl.plots import plot_learning_curve
 
     if args.resume:
         run_dir = Path(args.resume)
-        overrides = apply_overrides({}, args.overrides)
-        model = PPO.load(run_dir / "checkpoints" / "latest.pt", run_dir=str(run_dir), **overrides)
+        latest = run_dir / "checkpoints" / "latest.pt"
+        saved = load_checkpoint(latest)["config"]
+        # Overrides are merged into the saved config, nested keys included (env_kwargs.x=1 keeps the rest).
+        merged = apply_overrides(saved, args.overrides)
+        changed = {k: v for k, v in merged.items() if saved.get(k) != v}
+        model = PPO.load(latest, run_dir=str(run_dir), **changed)
         print(f"resuming {run_dir} at {model.frames} frames", file=sys.stderr)
     else:
-        data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
-        config = from_dict(PPOConfig, data)
+        config = from_dict(PPOConfig, apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides))
         if config.run_dir is None:
             name = Path(args.config).stem if args.config else "ppo"
-            config.run_dir = str(Path("runs") / f"{name}-{config.core}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        fields = {k: v for k, v in vars(config).items() if k not in ("env", "core")}
-        model = PPO(config.env, config.core, **fields)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            config.run_dir = str(Path("runs") / f"{name}-{config.core}-s{config.seed}-{stamp}")
+        model = PPO.from_config(config)
     run_dir = model.run_dir
     assert run_dir is not None
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", file=sys.stderr)
@@ -44,11 +52,13 @@ def _train(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         sys.exit(130)
+    finally:
+        model.close()
     _finish(model, run_dir, args.gif)
     print(f"learning curve: {plot_learning_curve(run_dir)}")
 
 
-def _finish(model, run_dir: Path, gif: bool) -> None:
+def _finish(model: PPO, run_dir: Path, gif: bool) -> None:
     """Final evaluation on held-out seeds, written to final_eval.json, plus a GIF of one episode."""
     best = run_dir / "checkpoints" / "best.pt"
     if best.exists():
@@ -75,7 +85,7 @@ def _eval(args: argparse.Namespace) -> None:
         ckpt = run_dir / "checkpoints" / "latest.pt"  # no evaluation ran during training
     if not ckpt.exists():
         raise UserError(f"no checkpoint at {ckpt}: is {run_dir} a run directory of a run that saved one?")
-    model = PPO.load(ckpt)
+    model = PPO.load(ckpt, device="auto")  # a run trained on a GPU evaluates on a machine without one
     result = model.evaluate(args.episodes, gif_path=args.gif, deterministic=args.deterministic)
     summary = {k: result[k] for k in ("episodes", "success_rate", "mean_return", "mean_length")}
     print(json.dumps(summary))
@@ -85,6 +95,13 @@ def _envs(args: argparse.Namespace) -> None:
     from envs import describe_envs
 
     print(describe_envs())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out env seeds")
     p.add_argument("run_dir", help="a run directory (or a checkpoint file)")
-    p.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
+    p.add_argument("--episodes", type=_positive_int, default=100, help="episodes (default 100)")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which (default best)")
     p.add_argument("--gif", help="write a GIF of the first episode here")
     p.add_argument("--deterministic", action="store_true", help="take the most likely action")
@@ -117,11 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except UserError as e:
+    except (UserError, TrainingError) as e:
         if args.debug:
             raise
         print(f"tlb-rl: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 if __name__ == "__main__":

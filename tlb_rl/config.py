@@ -72,10 +72,27 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _numeric(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads ``3e-4`` and ``1e6`` as strings; take them as the number a numeric field wants."""
+    if not isinstance(value, str):
+        return value
+    allowed = set(typing.get_args(hint)) or {hint}
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if float in allowed:
+        return number
+    if int in allowed and number.is_integer():
+        return int(number)
+    return value
+
+
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
     """Build dataclass ``cls`` from ``data``, checking every key and value type."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    data = {k: _numeric(v, hints[k]) if k in hints else v for k, v in data.items()}
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)

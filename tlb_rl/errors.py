@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The message says what is wrong and what to do; ``tlb-rl`` prints it and exits with status 2.
     """
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a loss became NaN or inf); the last checkpoint is the last good state."""

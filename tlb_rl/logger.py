@@ -56,17 +56,20 @@ class RunLogger:
 
     def _csv(self, row: dict[str, Any]) -> None:
         path = self.run_dir / "metrics.csv"  # type: ignore[operator]
-        if self.columns is None:
-            # A resumed run appends under the header it already has.
-            if path.exists():
-                with open(path) as f:
-                    self.columns = next(csv.reader(f), list(row))
-            else:
-                self.columns = list(row)
-                with open(path, "w", newline="") as f:
-                    csv.writer(f).writerow(self.columns)
+        if self.columns is None and path.exists():  # a resumed run
+            with open(path) as f:
+                self.columns = next(csv.reader(f), [])
+        if self.columns is None or not set(row) <= set(self.columns):
+            # A key appeared (validation runs only now and then): rewrite the file with a wider header.
+            rows = read_metrics(self.run_dir)  # type: ignore[arg-type]
+            self.columns = list(dict.fromkeys([*(self.columns or []), *(k for r in rows for k in r)]))
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
+            return
         with open(path, "a", newline="") as f:
-            csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+            csv.DictWriter(f, self.columns).writerow(row)
 
     def close(self) -> None:
         self.bar.close()

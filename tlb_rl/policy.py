@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -10,12 +11,12 @@ from torch import nn
 
 from tlb_rl.cores import State, make_core
 from tlb_rl.distributions import make_action_head
-from tlb_rl.encoders import make_encoder
+from tlb_rl.encoders import Observation, make_encoder
 
-Obs = torch.Tensor | dict[str, torch.Tensor]
+Obs = Observation  # a batch: a tensor, or a dict of tensors for Dict spaces
 
 
-def map_obs(fn: Any, obs: Obs) -> Obs:
+def map_obs(fn: Callable[[torch.Tensor], torch.Tensor], obs: Obs) -> Obs:
     """Apply ``fn`` to an observation tensor, or to every tensor of a Dict observation."""
     return {k: fn(v) for k, v in obs.items()} if isinstance(obs, dict) else fn(obs)
 

@@ -46,3 +46,15 @@ def space_from_dict(data: dict[str, Any]) -> gym.Space:
     if kind == "Dict":
         return gym.spaces.Dict({k: space_from_dict(s) for k, s in data["spaces"].items()})
     raise UserError(f"unknown space type '{kind}' in checkpoint")
+
+
+def stack_observations(observations: list[Any]) -> Any:
+    """A list of single observations (arrays, or dicts of arrays) as one batch."""
+    if isinstance(observations[0], dict):
+        return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+    return np.stack(observations)
+
+
+def clip_to_space(actions: np.ndarray, space: gym.Space) -> np.ndarray:
+    """Actions clipped to a Box's bounds (a Gaussian policy samples outside them); others unchanged."""
+    return np.clip(actions, space.low, space.high) if isinstance(space, gym.spaces.Box) else actions

@@ -31,9 +31,13 @@ class Core(nn.Module):
     #: True when the core's output at step t depends on steps before t.
     has_memory: bool = True
 
-    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
-        """The state of ``batch_size`` fresh episodes."""
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """The state of ``batch_size`` fresh episodes, on ``device`` (default: the core's)."""
         raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
         """Run the core over ``x`` [B, T, input_dim]; returns outputs [B, T, output_dim] and the final state."""
@@ -54,6 +58,13 @@ def check_inputs(x: torch.Tensor, episode_starts: torch.Tensor, input_dim: int) 
         raise ValueError(
             f"episode_starts must be [batch, time] = {tuple(x.shape[:2])}, got {tuple(episode_starts.shape)}"
         )
+
+
+def check_sizes(**sizes: int) -> None:
+    """Raise ValueError naming the first size that is below 1."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def reset_rows(value: torch.Tensor, reset: torch.Tensor, fresh: torch.Tensor | float = 0.0) -> torch.Tensor:

@@ -24,14 +24,13 @@ class Attention(nn.Module):
         q: torch.Tensor,
         kv: torch.Tensor,
         mask: torch.Tensor | None = None,
-        causal: bool = False,
     ) -> torch.Tensor:
         B, Tq, D = q.shape
         H = self.n_heads
         query = self.q(q).view(B, Tq, H, D // H).transpose(1, 2)  # [B, H, Tq, D/H]
         key, value = self.kv(kv).view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x [B, H, Tk, D/H]
         y = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).reshape(B, Tq, D))
 
@@ -65,9 +64,8 @@ class Block(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        causal: bool = False,
     ) -> torch.Tensor:
         q = self.ln_q(x)
         kv = q if self.ln_kv is None else self.ln_kv(context)
-        x = x + self.attn(q, kv, mask=mask, causal=causal)
+        x = x + self.attn(q, kv, mask=mask)
         return x + self.mlp(self.ln_mlp(x))

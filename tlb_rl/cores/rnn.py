@@ -7,7 +7,7 @@ import itertools
 import torch
 from torch import nn
 
-from tlb_rl.cores.base import Core, State, check_inputs, reset_rows
+from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, reset_rows
 
 
 class RNNCore(Core):
@@ -35,6 +35,7 @@ class RNNCore(Core):
         cell: str = "lstm",
     ):
         super().__init__()
+        check_sizes(hidden_size=hidden_size, num_layers=num_layers)
         module = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = module(input_dim, hidden_size, num_layers=num_layers, batch_first=True)
         if cell == "lstm":
@@ -45,8 +46,8 @@ class RNNCore(Core):
         self.input_dim, self.output_dim, self.cell = input_dim, hidden_size, cell
         self.num_layers = num_layers
 
-    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
-        zeros = torch.zeros(batch_size, self.num_layers, self.output_dim, device=device)
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        zeros = torch.zeros(batch_size, self.num_layers, self.output_dim, device=device or self.device)
         return {"h": zeros, "c": zeros.clone()} if self.cell == "lstm" else {"h": zeros}
 
     def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -55,7 +56,7 @@ class RNNCore(Core):
         # Span boundaries: every step at which at least one row starts an episode.
         cuts = torch.nonzero(episode_starts.any(0)).flatten().tolist()
         bounds = sorted({0, *cuts, T})
-        names = list(state)
+        names = ["h", "c"] if self.cell == "lstm" else ["h"]  # the order torch's modules use
         # nn.LSTM wants [layers, B, H]; our state is batch-first [B, layers, H].
         hidden = [state[n].transpose(0, 1).contiguous() for n in names]
         outputs = []
@@ -75,10 +76,11 @@ class FeedForwardCore(Core):
 
     def __init__(self, input_dim: int, hidden_size: int = 128):
         super().__init__()
+        check_sizes(hidden_size=hidden_size)
         self.net = nn.Sequential(nn.Linear(input_dim, hidden_size), nn.ReLU())
         self.input_dim, self.output_dim = input_dim, hidden_size
 
-    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return {}
 
     def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlb_rl.cores.base import Core, State, check_inputs
+from tlb_rl.cores.base import Core, State, check_inputs, check_sizes
 from tlb_rl.cores.blocks import Block
 
 
@@ -93,12 +93,16 @@ class TLBCore(Core):
         gated: bool = False,
     ):
         super().__init__()
+        check_sizes(
+            d_model=d_model,
+            chunk_size=chunk_size,
+            n_slow=n_slow,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            mlp_ratio=mlp_ratio,
+        )
         if not 1 <= cross_every <= n_layers:
             raise ValueError(f"cross_every must be in [1, n_layers={n_layers}], got {cross_every}")
-        if chunk_size < 1 or n_slow < 1:
-            raise ValueError("chunk_size and n_slow must be at least 1")
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.input_dim, self.output_dim = input_dim, d_model
         self.K, self.N, self.H, self.R = chunk_size, n_slow, n_heads, cross_every
         self.proj = nn.Linear(input_dim, d_model)
@@ -117,8 +121,8 @@ class TLBCore(Core):
         self.ln_out = nn.LayerNorm(d_model)
         self.n_cached = n_layers + 1  # keys/values of every self-attention block, and of the slow update
 
-    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
-        D = self.output_dim
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        D, device = self.output_dim, device or self.device
         return {
             "slow": self.slow_init.detach().to(device).expand(batch_size, -1, -1).clone(),  # [B, N, D]
             # keys/values of the current chunk's earlier steps, per self-attention block and slow update

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tlb_rl.cores.base import Core, State, check_inputs
+from tlb_rl.cores.base import Core, State, check_inputs, check_sizes
 from tlb_rl.cores.blocks import Block
 
 
@@ -38,8 +38,7 @@ class WindowTransformerCore(Core):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
+        check_sizes(d_model=d_model, window=window, n_layers=n_layers, n_heads=n_heads, mlp_ratio=mlp_ratio)
         self.input_dim, self.output_dim = input_dim, d_model
         self.W, self.n_layers, self.n_heads = window, n_layers, n_heads
         self.proj = nn.Linear(input_dim, d_model)
@@ -47,8 +46,8 @@ class WindowTransformerCore(Core):
         self.distance_bias = nn.Parameter(torch.zeros(n_heads, window))
         self.ln_out = nn.LayerNorm(d_model)
 
-    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
-        D, M = self.output_dim, self.W - 1
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        D, M, device = self.output_dim, self.W - 1, device or self.device
         return {
             "memory": torch.zeros(batch_size, self.n_layers, M, D, device=device),  # layer inputs, last W-1 steps
             "n_valid": torch.zeros(batch_size, dtype=torch.long, device=device),  # of those, in this episode
