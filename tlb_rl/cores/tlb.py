@@ -184,7 +184,9 @@ class TLBCore(Core):
         kv = layout.scatter(blk.attn.kv(a), prefix=cache)  # [B, C, K, 2D]
         query = _heads(layout.scatter(blk.attn.q(a)), self.H)  # [B, C, H, K, D/H]
         key, value = _heads(kv, 2 * self.H).split(self.H, dim=2)
-        y = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        # 4-D inputs: sdpa takes its fused path only for [batch, heads, seq, dim] on CPU.
+        y = F.scaled_dot_product_attention(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1), is_causal=True)
+        y = y.view(query.shape)
         h = h + blk.attn.out(layout.gather(_merge(y)))
         return h + blk.mlp(blk.ln_mlp(h)), kv
 
@@ -192,8 +194,8 @@ class TLBCore(Core):
         """Every step attends to the slow vectors as they were when its chunk began (slow: [B, C, N, D])."""
         query = _heads(layout.scatter(blk.attn.q(blk.ln_q(h))), self.H)  # [B, C, H, K, D/H]
         key, value = _heads(blk.attn.kv(blk.ln_kv(slow)), 2 * self.H).split(self.H, dim=2)  # [B, C, H, N, D/H]
-        y = F.scaled_dot_product_attention(query, key, value)
-        h = h + blk.attn.out(layout.gather(_merge(y)))
+        y = F.scaled_dot_product_attention(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1))
+        h = h + blk.attn.out(layout.gather(_merge(y.view(query.shape))))
         return h + blk.mlp(blk.ln_mlp(h))
 
     def _slow_stream(
