@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: setup
-	$(VENV)/bin/tlb-rl train --config configs/ppo/default.yaml $(ARGS)
+	$(VENV)/bin/tlb-rl train --config configs/ppo/doorkey5.yaml $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
