@@ -102,8 +102,18 @@ class RolloutBuffer:
         self.values[t], self.rewards[t], self.dones[t] = values, rewards, dones
 
     def finish(self, last_values: torch.Tensor, gamma: float, gae_lambda: float) -> None:
+        """Compute advantages and returns, and cut the rollout into segments once for all epochs."""
+        assert self.obs is not None and self.actions is not None
         self.advantages, self.returns = compute_gae(
             self.rewards, self.values, self.dones, last_values, gamma, gae_lambda
+        )
+        self.segments = RolloutBatch(
+            map_obs(self._segments, self.obs),
+            {k: torch.cat([s[k] for s in self.states]) for k in self.states[0]},  # segment-major, like the rest
+            *(
+                self._segments(x)
+                for x in (self.episode_starts, self.actions, self.log_probs, self.values, self.advantages, self.returns)
+            ),
         )
 
     def _segments(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,25 +123,19 @@ class RolloutBuffer:
         return x.reshape(n * self.n_envs, L, *x.shape[3:])
 
     def minibatches(self, batch_size: int, generator: torch.Generator) -> Iterator[RolloutBatch]:
-        """Shuffled minibatches of whole segments, ``batch_size`` steps each."""
-        assert self.obs is not None and self.actions is not None
+        """Shuffled minibatches of whole segments, ``batch_size`` steps each (after :meth:`finish`)."""
         if batch_size % self.seq_len:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of seq_len ({self.seq_len})")
-        states = {k: torch.cat([s[k] for s in self.states]) for k in self.states[0]}  # segment-major
-        obs = map_obs(self._segments, self.obs)
-        fields = [
-            self._segments(x)
-            for x in (self.episode_starts, self.actions, self.log_probs, self.values, self.advantages, self.returns)
-        ]
+        full = self.segments
         n_segments = self.n_steps // self.seq_len * self.n_envs
         per_batch = batch_size // self.seq_len
         order = torch.randperm(n_segments, generator=generator).to(self.device)
         for i in range(0, n_segments, per_batch):
             idx = order[i : i + per_batch]
             yield RolloutBatch(
-                map_obs(lambda v, idx=idx: v[idx], obs),
-                {k: v[idx] for k, v in states.items()},
-                *(f[idx] for f in fields),
+                map_obs(lambda v, idx=idx: v[idx], full.obs),
+                {k: v[idx] for k, v in full.states.items()},
+                *(f[idx] for f in full[2:]),
             )
 
 
