@@ -19,10 +19,11 @@ IN = 5  # input width of every core built here
 ATOL = 1e-5
 
 # Small configurations; every registered core appears at least once (checked below). The TLB ones cover
-# K = 1 (every step completes a chunk), uneven K, several cross-attention stages and the gated update.
+# K = 1 (every step completes a chunk), uneven K, several cross-attention stages, and the residual
+# (ungated, the paper's) slow update besides the default gated one.
 CONFIGS: dict[str, tuple[str, dict]] = {
     "tlb-K1": ("tlb", dict(d_model=16, chunk_size=1, n_slow=2, n_heads=2)),
-    "tlb-K3": ("tlb", dict(d_model=16, chunk_size=3, n_slow=3, n_heads=2)),
+    "tlb-K3-residual": ("tlb", dict(d_model=16, chunk_size=3, n_slow=3, n_heads=2, gated=False)),
     "tlb-K4": ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2)),
     "tlb-K4-L3R1-gated": (
         "tlb",
@@ -362,7 +363,7 @@ def _slow_trajectory(core: Core, starts: torch.Tensor, seed: int):
     return torch.stack(slows, 1), torch.stack(lens, 1)  # [B, T, N, D], [B, T]
 
 
-@pytest.mark.parametrize("config", ["tlb-K3", "tlb-K4", "tlb-K4-L3R1-gated"])
+@pytest.mark.parametrize("config", ["tlb-K3-residual", "tlb-K4", "tlb-K4-L3R1-gated"])
 def test_tlb_slow_state_changes_exactly_when_a_chunk_completes(config):
     """Chunks count from the episode start: after a reset at step 3, slow updates come at 3+K-1, 3+2K-1 ..."""
     core = build(config)

@@ -3,8 +3,8 @@
 Fast stream: Transformer layers over the steps of the current chunk of K steps, causal inside the chunk;
 every R-th layer is followed by a cross-attention from the chunk's tokens to the slow vectors.
 Slow stream: N vectors, updated when a chunk completes by a cross-attention from the slow vectors to the
-chunk's tokens (+ MLP; residual, or gated as an option). Chunks count from the episode start; an
-episode start resets the slow vectors to a learned value.
+chunk's tokens (+ MLP), through a learned gate (or residually, as in the paper, with ``gated=False``).
+Chunks count from the episode start; an episode start resets the slow vectors to a learned value.
 
 How it is made fast (the reason this file is not a textbook transcription):
 
@@ -64,8 +64,8 @@ class _Layout:
 class TLBCore(Core):
     """Temporal Latent Bottleneck core.
 
-    The defaults (width 64, K = N = 8, two fast layers, MLP ratio 2) have about as many parameters as the
-    default LSTM core (hidden 128): ~144k against ~132k with 128 inputs, so the two compare as equals.
+    The defaults (width 64, K = N = 8, two fast layers, MLP ratio 2, gated update) have about as many
+    parameters as the default LSTM core (hidden 128): ~152k against ~132k with 128 inputs.
 
     :param input_dim: width of the inputs.
     :param d_model: width of fast tokens and slow vectors; also the output width.
@@ -76,7 +76,11 @@ class TLBCore(Core):
     :param n_heads: attention heads.
     :param mlp_ratio: hidden width of the MLPs as a multiple of ``d_model``.
     :param dropout: dropout in the MLPs.
-    :param gated: gated instead of residual slow update.
+    :param gated: gate the slow update (default) instead of adding it residually. Measured with PPO on the
+        passive T-maze, corridor 50, n_steps 256, 300k frames: the residual update first reached 0.9
+        validation success at 82k frames for seed 1 and never for seed 0; the gated one at 82k (seed 0) and
+        41k (seed 1). Residual updates let the slow vectors' norm grow with every chunk, so a cue written
+        early is diluted by what comes after; the gate can keep it.
     """
 
     def __init__(
@@ -90,7 +94,7 @@ class TLBCore(Core):
         n_heads: int = 4,
         mlp_ratio: int = 2,
         dropout: float = 0.0,
-        gated: bool = False,
+        gated: bool = True,
     ):
         super().__init__()
         check_sizes(
@@ -116,7 +120,7 @@ class TLBCore(Core):
                 layers.append(Block(d_model, n_heads, mlp_ratio, dropout, cross=True))
         self.layers = nn.ModuleList(layers)
         self.update = Block(d_model, n_heads, mlp_ratio, dropout, cross=True)
-        # A gate lets a slot keep its content instead of always adding to it; an option to measure.
+        # The gate lets a slot keep its content instead of always adding to it.
         self.gate = nn.Linear(2 * d_model, d_model) if gated else None
         self.ln_out = nn.LayerNorm(d_model)
         self.n_cached = n_layers + 1  # keys/values of every self-attention block, and of the slow update
