@@ -151,21 +151,20 @@ class PPO:
     """
 
     def __init__(self, env: Any = "MiniGrid-MemoryS7-v0", core: str = "tlb", **hyperparameters: Any):
-        self.config = from_dict(PPOConfig, {"env": _spec_name(env), "core": core, **hyperparameters}, "PPO")
-        self.env_spec = env
-        self._setup(None)
+        config = from_dict(PPOConfig, {"env": _spec_name(env), "core": core, **hyperparameters}, "PPO")
+        self._setup(config, env, None)
 
     @classmethod
     def from_config(cls, config: PPOConfig, env: Any = None) -> PPO:
         """A new model from a validated config (``env`` replaces ``config.env``, e.g. by a callable)."""
         model = cls.__new__(cls)
-        model.config = config
-        model.env_spec = env if env is not None else config.env
-        model._setup(None)
+        model._setup(config, env, None)
         return model
 
-    def _setup(self, spaces: tuple[gym.Space, gym.Space] | None) -> None:
-        cfg = self.config
+    def _setup(self, config: PPOConfig, env: Any, spaces: tuple[gym.Space, gym.Space] | None) -> None:
+        """Build everything from ``config``; ``env`` (None: ``config.env``) and ``spaces`` (None: probe it)."""
+        self.config = cfg = config
+        self.env_spec = env if env is not None else config.env
         if cfg.n_steps % self.seq_len or cfg.batch_size % self.seq_len:
             raise UserError(
                 f"seq_len ({self.seq_len}) must divide n_steps ({cfg.n_steps}) and batch_size ({cfg.batch_size})"
@@ -319,11 +318,10 @@ class PPO:
             if truncated.any():
                 rewards_t += cfg.gamma * self._final_values(info, truncated & ~terminated, state)
             dones = np.logical_or(terminated, truncated)
-            buffer.add(
-                t, obs_t, prev_state, starts, actions, log_probs, values, rewards_t, torch.as_tensor(dones, device=dev)
-            )
+            next_starts = torch.as_tensor(dones, device=dev)  # an episode that ended starts anew next step
+            buffer.add(t, obs_t, prev_state, starts, actions, log_probs, values, rewards_t, next_starts)
             self._episode_stats.step(rewards, dones, info)
-            starts = torch.as_tensor(dones, device=dev)
+            starts = next_starts
         last_values = self.policy.value(obs_to_tensor(obs, dev), state, starts)
         buffer.finish(last_values, cfg.gamma, cfg.gae_lambda)
         self._carry = (obs, state, starts)
@@ -468,10 +466,8 @@ class PPO:
             raise UserError(f"checkpoint {path} is incomplete: it has no {', '.join(sorted(missing))}")
         config = from_dict(PPOConfig, {**data["config"], **overrides}, "PPO")
         model = cls.__new__(cls)
-        model.config = config
-        model.env_spec = env if env is not None else config.env
         spaces = (space_from_dict(data["spaces"]["observation"]), space_from_dict(data["spaces"]["action"]))
-        model._setup(spaces)
+        model._setup(config, env, spaces)
         try:
             model.policy.load_state_dict(data["policy"])
             model.optimizer.load_state_dict(data["optimizer"])

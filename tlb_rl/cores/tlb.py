@@ -149,8 +149,9 @@ class TLBCore(Core):
         seg = (q == 0).cumsum(1) - (chunk_len[:, None] == 0).long()
         C = int(seg[:, -1].max()) + 1
         layout = _Layout(seg * K + q, B, C, K)
-        reset = layout.scatter(starts[..., None].float())[:, :, 0, 0].bool()  # [B, C] chunk opens an episode
-        complete = layout.scatter((q == K - 1)[..., None].float())[:, :, K - 1, 0].bool()  # [B, C] has K steps
+        flags = layout.scatter(torch.stack([starts, q == K - 1], -1).float()).bool()  # [B, C, K, 2]
+        reset = flags[:, :, 0, 0]  # [B, C] the chunk opens an episode
+        complete = flags[:, :, K - 1, 1]  # [B, C] the chunk has all K steps
 
         h = self.proj(x) + self.pos[q]  # [B, T, D]
         kv_cache = state["kv"]
