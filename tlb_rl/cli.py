@@ -97,6 +97,18 @@ def _envs(args: argparse.Namespace) -> None:
     print(describe_envs())
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from tlb_rl.study.commands import compare
+
+    compare(args.config, backend=args.backend, workers=args.workers, address=args.address, out=args.out)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from tlb_rl.study.commands import report
+
+    report(args.study_dir)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -127,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("envs", help="list environment families and registered plug-ins")
     p.set_defaults(func=_envs)
+
+    p = sub.add_parser("compare", help="run a sample-efficiency study (configs/compare/*.yaml) and report it")
+    p.add_argument("--config", required=True, help="study config (configs/compare/*.yaml)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"], help="where runs go (default local)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="runs at a time (default 1; ray: local CPUs)")
+    p.add_argument("--address", help="Ray cluster address, e.g. auto (default: start a local Ray instance)")
+    p.add_argument("--out", help="study directory (default studies/<study name>)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("report", help="re-render the report of a study directory")
+    p.add_argument("study_dir", help="a directory made by tlb-rl compare")
+    p.set_defaults(func=_report)
     return parser
 
 

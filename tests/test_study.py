@@ -1,0 +1,252 @@
+"""Studies (``tlb-rl compare`` / ``tlb-rl report``): statistics against hand computations, the runner's retries
+and resume, and a tiny study end to end on the local backend and on a local Ray instance."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tlb_rl.cli import main
+from tlb_rl.errors import UserError
+from tlb_rl.study import report as report_mod
+from tlb_rl.study import runner, stats
+from tlb_rl.study.config import RunSpec, load_study
+
+TINY_STUDY = {
+    "name": "tiny",
+    "seeds": [0, 1],
+    "threshold": 0.6,
+    "ppo": {
+        "n_envs": 4,
+        "n_steps": 128,
+        "batch_size": 256,
+        "n_epochs": 1,
+        "eval_episodes": 8,
+        "vectorization": "sync",
+        "torch_threads": 1,
+    },
+    "cores": {"tlb": {"d_model": 16, "n_heads": 2, "chunk_size": 4}, "lstm": {"hidden_size": 16}},
+    "envs": [
+        {"name": "tmaze-L3", "env": "tmaze", "env_kwargs": {"corridor_length": 3}, "total_frames": 2048,
+         "eval_every": 512}
+    ],
+}  # fmt: skip
+
+
+def write_config(tmp_path: Path, data: dict, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------- statistics, by hand
+def test_iqm_trims_a_quarter_at_each_end():
+    assert stats.iqm(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(2.5)  # mean of 2, 3
+    assert stats.iqm(np.array([0, 1, 2, 3, 4, 5, 6, 100.0])) == pytest.approx(3.5)  # mean of 2..5
+    assert stats.iqm(np.array([0.0, 0.3, 0.9])) == pytest.approx(0.4)  # 3 runs: nothing trimmed
+    assert stats.iqm(np.array([0.0, 0.0, 0.0, 1.0])) == 0.0  # the mean would be 0.25
+
+
+def test_bootstrap_interval_of_the_iqm_matches_its_exact_distribution():
+    # Runs [0, 0, 0, 1] resampled: k ones ~ Binomial(4, 1/4); the IQM (middle two of four) is 0 for k <= 1,
+    # 0.5 for k = 2 and 1 for k >= 3. P(IQM <= 0.5) = 243/256 = 0.949 < 0.975, so the upper bound is 1;
+    # P(IQM = 0) = 189/256 > 0.025, so the lower bound is 0. (The mean's upper bound would be 0.75.)
+    est = stats.iqm_estimate(np.array([0.0, 0.0, 0.0, 1.0]))
+    assert (est.value, est.low, est.high) == (0.0, 0.0, 1.0)
+    same = stats.iqm_estimate(np.array([0.4, 0.4, 0.4]))
+    assert same.low == pytest.approx(0.4) and same.high == pytest.approx(0.4)
+
+
+def test_bootstrap_is_stratified_by_task():
+    # Task 0 always scores 0, task 1 always 1: resampling runs inside each task keeps one of each, so the
+    # IQM of every resample is 0.5. (Resampling across tasks would give intervals wider than a point.)
+    scores = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    est = stats.iqm_estimate(scores)
+    assert (est.value, est.low, est.high) == (0.5, 0.5, 0.5)
+
+
+def test_iqm_curve_band_is_pointwise():
+    curves = np.array([[0.0, 1.0], [0.0, 0.0], [0.0, 0.5]])
+    mean, low, high = stats.iqm_curve(curves)
+    np.testing.assert_allclose(mean, [0.0, 0.5])
+    np.testing.assert_allclose([low[0], high[0]], [0.0, 0.0])
+    assert 0.0 <= low[1] < 0.5 < high[1] <= 1.0
+
+
+def test_curve_on_grid_frames_to_threshold_and_auc():
+    grid = np.array([1000, 2000, 3000, 4000])
+    curve = stats.on_grid(np.array([1000, 2000, 3500]), np.array([0.1, 0.95, 0.5]), grid)
+    np.testing.assert_allclose(curve, [0.1, 0.95, 0.95, 0.5])  # 3000 still holds the evaluation at 2000
+    assert stats.frames_to_threshold(grid, curve, 0.9, 4000) == (2000.0, False)
+    assert stats.frames_to_threshold(grid, curve, 0.99, 4000) == (4000.0, True)  # censored at the budget
+    assert stats.area_under_curve(curve) == pytest.approx((0.1 + 0.95 + 0.95 + 0.5) / 4)
+    with pytest.raises(ValueError, match="before the run's first evaluation"):
+        stats.on_grid(np.array([2000]), np.array([0.5]), grid)
+
+
+def test_report_statistics_on_synthetic_curves_match_hand_computation():
+    grid = np.array([100, 200, 300, 400])
+    # Four runs reach 0.9 at 100, 200, 300 frames and never (censored at the budget, 400).
+    curves = [[0.9, 1, 1, 1], [0.5, 0.9, 1, 1], [0.1, 0.2, 0.9, 1], [0.0, 0.1, 0.2, 0.3]]
+    finals = [1.0, 0.9, 0.8, 0.1]
+    spec = RunSpec("e/r/s0", "e", "r", 0, "ppo", {})
+    cell = report_mod.Cell(
+        runs=[
+            report_mod.RunData(spec, np.array(c, float), f, [1_000_000], 10.0, 500.0)
+            for c, f in zip(curves, finals, strict=True)
+        ]
+    )
+    out = report_mod.summarize_cell(cell, grid, 0.9, 400)
+    assert out["frames_to_threshold"]["per_run"] == [100, 200, 300, 400]
+    assert out["frames_to_threshold"]["censored"] == [False, False, False, True]
+    assert out["frames_to_threshold"]["iqm"] == pytest.approx(250.0)  # middle two of 100..400
+    assert out["final_success"]["iqm"] == pytest.approx(0.85)  # middle two of 0.1, 0.8, 0.9, 1.0
+    aucs = [np.mean(c) for c in curves]  # 0.975, 0.725, 0.55, 0.15
+    assert out["auc"]["iqm"] == pytest.approx((aucs[1] + aucs[2]) / 2)
+    np.testing.assert_allclose(out["curve"]["iqm"], [0.3, 0.55, 0.95, 1.0])  # per point, middle two
+    md = report_mod.render_markdown(
+        {
+            "study": "s",
+            "command": None,
+            "threshold": 0.9,
+            "envs": {"e": {"env": "tmaze", "env_kwargs": {}, "budget": 400, "eval_every": 100, "rows": {"r": out}}},
+            "all_envs": {},
+            "seeds": {
+                "training_seeds": [0],
+                "training_env_seeds": "",
+                "validation_env_seeds": {"e": [500_000, 500_007]},
+                "final_eval_env_seeds": [1_000_000, 1_000_099],
+            },
+            "missing_runs": [],
+        }
+    )
+    assert "| r | 4 | >= 250 [" in md and "| 3/4 |" in md and "Censored at the budget (400): r (1)" in md
+
+
+# ---------------------------------------------------------------------- config
+def test_study_config_errors_are_one_line(tmp_path):
+    bad = {**TINY_STUDY, "envs": [{**TINY_STUDY["envs"][0], "eval_every": 1000}]}
+    with pytest.raises(UserError, match="multiple of n_envs \\* n_steps"):
+        load_study(write_config(tmp_path, bad))
+    with pytest.raises(UserError, match="unknown study key 'seed'"):
+        load_study(write_config(tmp_path, {**TINY_STUDY, "seed": 1}))
+    with pytest.raises(UserError, match="learning_rat"):
+        load_study(write_config(tmp_path, {**TINY_STUDY, "ppo": {"learning_rat": 1e-3}}))
+
+
+def test_grid_merges_layers_and_every_cell_is_a_run(tmp_path):
+    data = {
+        **TINY_STUDY,
+        "agents": [{"name": "ppo"}, {"name": "fast", "overrides": {"learning_rate": 0.01}}],
+        "baselines": {"recurrentppo": {"n_epochs": 3}},
+    }
+    from tlb_rl.study.config import expand
+
+    runs = expand(load_study(write_config(tmp_path, data)))
+    assert len(runs) == 2 * 1 * (2 * 2 + 1)  # seeds x envs x (agents x cores + baseline)
+    by_id = {r.run_id: r for r in runs}
+    assert by_id["tmaze-L3/lstm-fast/s1"].config["learning_rate"] == 0.01
+    assert by_id["tmaze-L3/tlb-ppo/s0"].config["core_kwargs"] == {"d_model": 16, "n_heads": 2, "chunk_size": 4}
+    assert by_id["tmaze-L3/tlb-ppo/s0"].config["n_steps"] == 128
+    baseline = by_id["tmaze-L3/sb3-recurrentppo/s1"].config
+    assert (baseline["n_steps"], baseline["n_epochs"], baseline["seed"]) == (128, 3, 1)  # shared, own, grid
+
+
+# ---------------------------------------------------------------------- runner: retries, never losing a run
+def _fake_command(script: str):
+    def command(spec, run_dir, config_file, resume):
+        return [sys.executable, "-c", script, str(run_dir)]
+
+    return command
+
+
+def test_crashed_run_is_retried_once_then_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_command", _fake_command("import sys; print('boom'); sys.exit(3)"))
+    spec = RunSpec("e/r/s0", "e", "r", 0, "ppo", {"x": 1})
+    out = runner.run_one(str(tmp_path), vars(spec))
+    assert out["status"] == "failed" and out["attempts"] == 2
+    assert "exit status 3" in out["error"] and "boom" in out["error"]
+    assert (tmp_path / "errors.log").read_text().count("=== e/r/s0 attempt") == 2
+    record = json.loads((tmp_path / "runs/e/r/s0/study_run.json").read_text())
+    assert record["status"] == "failed" and not runner.is_finished(tmp_path, spec)
+
+
+def test_a_run_that_fails_once_succeeds_on_retry(tmp_path, monkeypatch):
+    script = (
+        "import sys, pathlib; d = pathlib.Path(sys.argv[1]); m = d.parent / 'tried'\n"
+        "if not m.exists(): m.touch(); sys.exit(1)\n"
+        "(d / 'final_eval.json').write_text('{}')"
+    )
+    monkeypatch.setattr(runner, "_command", _fake_command(script))
+    spec = RunSpec("e/r/s0", "e", "r", 0, "ppo", {"x": 1})
+    out = runner.run_one(str(tmp_path), vars(spec))
+    assert (out["status"], out["attempts"], out["error"]) == ("done", 2, None)
+    assert runner.is_finished(tmp_path, spec)
+    changed = RunSpec("e/r/s0", "e", "r", 0, "ppo", {"x": 2})
+    with pytest.raises(UserError, match="different config"):
+        runner.is_finished(tmp_path, changed)
+
+
+# ---------------------------------------------------------------------- end to end
+def run_compare(args: list[str], capsys) -> int:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    capsys.readouterr()
+    return code
+
+
+def check_tiny_report(study_dir: Path) -> dict:
+    for name in report_mod.REPORT_FILES:
+        assert (study_dir / name).is_file(), name
+    report = json.loads((study_dir / "report.json").read_text())
+    rows = report["envs"]["tmaze-L3"]["rows"]
+    assert list(rows) == ["tlb-ppo", "lstm-ppo"]
+    for row in rows.values():
+        assert row["runs"] == 2 and row["seeds"] == [0, 1] and not row["missing"]
+        assert len(row["curve"]["iqm"]) == 4  # evaluations at 512, 1024, 1536, 2048 frames
+        assert 0.0 <= row["final_success"]["ci_low"] <= row["final_success"]["iqm"] <= row["final_success"]["ci_high"]
+        assert row["steps_per_s_mean"] > 0 and row["wall_s_mean"] > 0
+    assert report["seeds"]["final_eval_env_seeds"] == [1_000_000, 1_000_007]
+    md = (study_dir / "report.md").read_text()
+    assert "| tlb-ppo | 2 |" in md and "| lstm-ppo | 2 |" in md and "Missing runs" not in md
+    return report
+
+
+def test_tiny_study_end_to_end_local_then_resume_skips_finished_runs(tmp_path, capsys):
+    config = write_config(tmp_path, TINY_STUDY)
+    study_dir = tmp_path / "study"
+    assert run_compare(["compare", "--config", str(config), "--workers", "2", "--out", str(study_dir)], capsys) == 0
+    check_tiny_report(study_dir)
+    finals = sorted(study_dir.glob("runs/*/*/*/final_eval.json"))
+    assert len(finals) == 4
+    stamps = [p.stat().st_mtime_ns for p in finals]
+
+    outcomes = runner.run_study(load_study(config), config, study_dir, workers=2, log=lambda _: None)
+    assert sorted(o.status for o in outcomes) == ["skipped"] * 4
+    assert [p.stat().st_mtime_ns for p in finals] == stamps
+    assert all(json.loads(p.with_name("study_run.json").read_text())["attempts"] == 1 for p in finals)
+
+    (study_dir / "report.md").unlink()
+    assert run_compare(["report", str(study_dir)], capsys) == 0
+    check_tiny_report(study_dir)
+
+    other = write_config(tmp_path, {**TINY_STUDY, "seeds": [0, 1, 2]}, "other.yaml")
+    with pytest.raises(UserError, match="another config"):
+        runner.run_study(load_study(other), other, study_dir, log=lambda _: None)
+
+
+def test_tiny_study_on_a_local_ray_instance(tmp_path, capsys):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'tlb-rl[ray]')")
+    config = write_config(tmp_path, TINY_STUDY)
+    study_dir = tmp_path / "study"
+    args = ["compare", "--config", str(config), "--backend", "ray", "--workers", "2", "--out", str(study_dir)]
+    assert run_compare(args, capsys) == 0
+    check_tiny_report(study_dir)

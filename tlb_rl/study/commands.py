@@ -1,0 +1,56 @@
+"""The ``compare`` and ``report`` subcommands; ``tlb_rl/cli.py`` parses their arguments and calls these."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from tlb_rl.errors import TrainingError
+from tlb_rl.study.config import load_study
+from tlb_rl.study.report import write_report
+from tlb_rl.study.runner import failed, run_study
+
+STUDIES_DIR = Path("studies")
+
+
+def compare(
+    config: str, backend: str = "local", workers: int = 1, address: str | None = None, out: str | None = None
+) -> Path:
+    """Run (or resume) the study of ``config`` and write its report; returns the study directory.
+
+    :raises TrainingError: when runs failed twice (the report is written anyway, without them).
+    """
+    study = load_study(config)
+    study_dir = Path(out) if out else STUDIES_DIR / study.name
+    outcomes = run_study(
+        study,
+        config,
+        study_dir,
+        backend=backend,
+        workers=workers,
+        address=address,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    command = " ".join(
+        ["tlb-rl compare --config", shlex.quote(config), *([f"--out {shlex.quote(out)}"] if out else [])]
+    )
+    (study_dir / "study_meta.json").write_text(json.dumps({"command": command}, indent=2) + "\n")
+    report_path = write_report(study_dir)
+    print(f"report: {report_path}")
+    bad = failed(outcomes)
+    if bad:
+        ids = ", ".join(o.run_id for o in bad)
+        raise TrainingError(
+            f"{len(bad)} run(s) failed twice and are left out of the report: {ids}; see {study_dir / 'errors.log'}; "
+            "running the same compare command again retries them"
+        )
+    return study_dir
+
+
+def report(study_dir: str) -> Path:
+    """Re-render the report of an existing study directory."""
+    path = write_report(study_dir)
+    print(f"report: {path}")
+    return path

@@ -1,0 +1,235 @@
+"""A study's YAML config and the grid of runs it expands to (agent x core x seed x env, plus baselines).
+
+    name: quick                      # the study directory is studies/<name> unless --out says otherwise
+    seeds: [0, 1, 2]
+    threshold: 0.9                   # success rate for "frames to threshold"
+    ppo: {n_envs: 8, vectorization: sync, torch_threads: 1}   # PPOConfig keys every PPO run shares
+    agents: [{name: ppo}]            # each: name, algo (ppo), optional config (a YAML file), overrides
+    cores: [tlb, lstm, none]         # or a mapping core -> core_kwargs
+    baselines: {recurrentppo: {n_steps: 128}}   # optional external rows, with their hyperparameters
+    envs:
+      - name: tmaze-L10
+        env: tmaze
+        env_kwargs: {corridor_length: 10}
+        total_frames: 60000
+        eval_every: 5280
+        ppo: {n_steps: 132, batch_size: 264}   # per-env PPO keys (e.g. a rollout that holds whole episodes)
+
+A PPO run's config is, later entries winning: the agent's ``config`` file, the study's ``ppo``, the env's
+``ppo``, the agent's ``overrides``, then what the grid fixes (env, env_kwargs, core, seed, total_frames,
+eval_every, run_dir). Every run is validated as a PPOConfig before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlb_rl.config import from_dict, load_yaml
+from tlb_rl.errors import UserError
+
+BASELINES = ("recurrentppo",)
+"""External baselines a study can add as rows (sb3-contrib's RecurrentPPO)."""
+
+
+@dataclass
+class EnvEntry:
+    """One environment of the study, with its budget and evaluation schedule."""
+
+    name: str
+    """Label in the report and the run directories."""
+    env: str
+    """Anything ``envs.make_env`` takes."""
+    total_frames: int
+    """Budget of every run on this env."""
+    eval_every: int
+    """Frames between validation evaluations: the points of the learning curves."""
+    env_kwargs: dict = field(default_factory=dict)
+    """Options of the env."""
+    ppo: dict = field(default_factory=dict)
+    """PPOConfig keys for the PPO runs on this env."""
+
+
+@dataclass
+class AgentEntry:
+    """An agent configuration: a row family of the grid, crossed with every core."""
+
+    name: str = "ppo"
+    """Label in the report (rows read ``<core>-<name>``)."""
+    algo: str = "ppo"
+    """The trainer (ppo)."""
+    config: str | None = None
+    """A YAML config to start from (e.g. configs/ppo/tmaze.yaml)."""
+    overrides: dict = field(default_factory=dict)
+    """Keys that make this agent what it is; they win over the study's and the env's."""
+
+
+@dataclass
+class StudyConfig:
+    """A whole study, as read from configs/compare/*.yaml."""
+
+    envs: list[EnvEntry]
+    """Environments."""
+    name: str = "study"
+    """Name of the study directory under studies/."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Training seeds (env i of a run with seed s is seeded s + i)."""
+    threshold: float = 0.9
+    """Success rate that "frames to threshold" counts to."""
+    agents: list[AgentEntry] = field(default_factory=lambda: [AgentEntry()])
+    """Agent configurations."""
+    cores: dict[str, dict] = field(default_factory=lambda: {"tlb": {}, "lstm": {}})
+    """Memory cores, each with its core_kwargs."""
+    ppo: dict = field(default_factory=dict)
+    """PPOConfig keys every PPO run shares."""
+    baselines: dict[str, dict] = field(default_factory=dict)
+    """External baselines (``recurrentppo``) and their hyperparameters."""
+
+
+@dataclass
+class RunSpec:
+    """One cell of the grid: everything needed to run it and to find it again."""
+
+    run_id: str
+    """``<env>/<row>/s<seed>``: also the run directory under the study's runs/."""
+    env_name: str
+    row: str
+    """Report row, e.g. ``tlb-ppo`` or ``sb3-recurrentppo``."""
+    seed: int
+    algo: str
+    """``ppo`` or a baseline's name."""
+    config: dict[str, Any]
+    """The run's full config (for PPO, PPOConfig keys; run_dir is set by the runner)."""
+
+    def fingerprint(self) -> str:
+        """A hash of the config: a finished run is reused only if it was made with the same one."""
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _entries(cls: type, items: Any, where: str) -> list:
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise UserError(f"study key '{where}' must be a list of mappings")
+    return [from_dict(cls, item, f"{where}[{i}]") for i, item in enumerate(items)]
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study config (every run's PPOConfig is checked too)."""
+    data = load_yaml(path)
+    if "envs" not in data:
+        raise UserError(f"study config {path} has no 'envs' list")
+    data["envs"] = _entries(EnvEntry, data["envs"], "envs")
+    if "agents" in data:
+        data["agents"] = _entries(AgentEntry, data["agents"], "agents")
+    if isinstance(data.get("cores"), list):
+        data["cores"] = {name: {} for name in data["cores"]}
+    data.setdefault("name", Path(path).stem)
+    study = from_dict(StudyConfig, data, "study")
+    _check(study)
+    expand(study)  # validates every run's config now, before any run starts
+    from envs import make_env
+
+    for env in study.envs:  # an unknown env id or option fails here in one line, not in every run twice
+        make_env(env.env, **env.env_kwargs).close()
+    return study
+
+
+def _check(study: StudyConfig) -> None:
+    if not study.seeds or len(set(study.seeds)) != len(study.seeds) or not all(isinstance(s, int) for s in study.seeds):
+        raise UserError("study key 'seeds' must list distinct seeds")
+    if not 0 < study.threshold <= 1:
+        raise UserError(f"study key 'threshold' must be in (0, 1], got {study.threshold}")
+    for kind, names in [("envs", [e.name for e in study.envs]), ("agents", [a.name for a in study.agents])]:
+        if len(set(names)) != len(names):
+            raise UserError(f"study {kind} need distinct names, got {names}")
+    for env in study.envs:
+        if env.total_frames < 1 or not 0 < env.eval_every <= env.total_frames:
+            raise UserError(f"env '{env.name}': need total_frames >= 1 and 0 < eval_every <= total_frames")
+    for agent in study.agents:
+        if agent.algo != "ppo":
+            raise UserError(f"agent '{agent.name}': algo '{agent.algo}' is not supported by compare (use ppo)")
+    unknown = set(study.baselines) - set(BASELINES)
+    if unknown:
+        raise UserError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(BASELINES)}")
+
+
+def _merge(*layers: dict) -> dict:
+    """Later layers win; nested mappings (env_kwargs, core_kwargs) merge key by key."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = _merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def ppo_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, seed: int) -> dict[str, Any]:
+    """The PPOConfig keys of one grid cell, validated."""
+    from agents.ppo import PPOConfig  # the command layer may import agents/ (like cli.py)
+
+    base = load_yaml(agent.config) if agent.config else {}
+    fixed = {
+        "env": env.env,
+        "env_kwargs": env.env_kwargs,
+        "core": core,
+        "core_kwargs": study.cores[core],
+        "seed": seed,
+        "total_frames": env.total_frames,
+        "eval_every": env.eval_every,
+    }
+    merged = _merge(base, study.ppo, env.ppo, agent.overrides, fixed)
+    merged.pop("run_dir", None)
+    where = f"PPO config of {agent.name}/{core} on {env.name}"
+    config = from_dict(PPOConfig, merged, where)
+    frames_per_update = config.n_envs * config.n_steps
+    if env.eval_every % frames_per_update:
+        # PPO evaluates after the first update past each multiple of eval_every; curves are compared
+        # at those multiples, so every run must evaluate exactly there.
+        raise UserError(
+            f"{where}: eval_every ({env.eval_every}) must be a multiple of n_envs * n_steps ({frames_per_update})"
+        )
+    return dataclasses.asdict(config)
+
+
+def baseline_config(study: StudyConfig, name: str, env: EnvEntry, seed: int) -> dict[str, Any]:
+    """The config of a baseline run (hyperparameters from the study, budget and env from the grid)."""
+    from tlb_rl.study.sb3_baseline import RecurrentPPOConfig
+
+    # The baseline shares the PPO rows' keys it knows (rollout length, learning rate, validation episodes...),
+    # so both see the same cut between cue and choice; its own keys in the study win.
+    known = {f.name for f in dataclasses.fields(RecurrentPPOConfig)}
+    shared = {k: v for k, v in _merge(study.ppo, env.ppo).items() if k in known}
+    merged = {
+        **shared,
+        **study.baselines[name],
+        "env": env.env,
+        "env_kwargs": env.env_kwargs,
+        "seed": seed,
+        "total_frames": env.total_frames,
+        "eval_every": env.eval_every,
+    }
+    config = from_dict(RecurrentPPOConfig, merged, f"baseline {name} on {env.name}")
+    if env.eval_every % config.n_envs:
+        raise UserError(f"baseline {name} on {env.name}: eval_every must be a multiple of n_envs ({config.n_envs})")
+    return dataclasses.asdict(config)
+
+
+def expand(study: StudyConfig) -> list[RunSpec]:
+    """Every run of the study, seed-major, so an interrupted study has whole seeds done first."""
+    runs = []
+    for seed in study.seeds:
+        for env in study.envs:
+            for agent in study.agents:
+                for core in study.cores:
+                    row = f"{core}-{agent.name}"
+                    config = ppo_config(study, agent, core, env, seed)
+                    runs.append(RunSpec(f"{env.name}/{row}/s{seed}", env.name, row, seed, "ppo", config))
+            for name in study.baselines:
+                config = baseline_config(study, name, env, seed)
+                runs.append(RunSpec(f"{env.name}/sb3-{name}/s{seed}", env.name, f"sb3-{name}", seed, name, config))
+    return runs

@@ -1,0 +1,327 @@
+"""A study's report: ``report.md``, ``report.json`` and ``curves.png`` in the study directory.
+
+Learning curves are validation success (held-out validation seeds) at every multiple of the env's
+``eval_every``; per env and row the report gives the IQM curve with its 95% stratified-bootstrap band, and a
+table of frames to the success threshold (censored runs counted at the budget), final success (best
+checkpoint on the held-out evaluation seeds), area under the curve, wall-clock and training steps/s.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlb_rl.errors import UserError
+from tlb_rl.logger import read_metrics
+from tlb_rl.study import stats
+from tlb_rl.study.config import RunSpec, StudyConfig, expand, load_study
+
+REPORT_FILES = ("report.md", "report.json", "curves.png")
+
+
+@dataclass
+class RunData:
+    """What the report needs from one finished run directory."""
+
+    spec: RunSpec
+    curve: np.ndarray
+    """Validation success at each grid point."""
+    final_success: float
+    final_seeds: list[int]
+    wall_s: float
+    steps_per_s: float
+    """Median of the per-update training throughput (evaluations excluded)."""
+
+
+@dataclass
+class Cell:
+    """All runs of one row on one env."""
+
+    runs: list[RunData] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    """Run ids that are not finished (failed or not run yet)."""
+
+
+def grid_of(total_frames: int, eval_every: int) -> np.ndarray:
+    """The frames at which every run of an env is compared: eval_every, 2 * eval_every, ... <= budget."""
+    return np.arange(1, total_frames // eval_every + 1) * eval_every
+
+
+def load_run(study_dir: Path, spec: RunSpec, grid: np.ndarray) -> RunData | None:
+    """The run's data, or None if it has not finished."""
+    run_dir = study_dir / "runs" / spec.run_id
+    record_path, final_path = run_dir / "study_run.json", run_dir / "final_eval.json"
+    if not record_path.exists() or not final_path.exists():
+        return None
+    record = json.loads(record_path.read_text())
+    if record.get("status") != "done":
+        return None
+    # A resumed run may log the updates after its last checkpoint twice: the later row wins.
+    rows = {int(r["frames"]): r for r in read_metrics(run_dir)}
+    evals = [(f, r["validation/success_rate"]) for f, r in sorted(rows.items()) if "validation/success_rate" in r]
+    if not evals:
+        raise UserError(f"run {run_dir} has no validation evaluations in metrics.jsonl")
+    frames, success = map(np.array, zip(*evals, strict=True))
+    fps = [r["time/fps"] for r in rows.values() if "time/fps" in r]
+    final = json.loads(final_path.read_text())
+    return RunData(
+        spec=spec,
+        curve=stats.on_grid(frames, success, grid),
+        final_success=float(final["success_rate"]),
+        final_seeds=list(final.get("seeds", [])),
+        wall_s=float(record["wall_s"]),
+        steps_per_s=float(np.median(fps)) if fps else float("nan"),
+    )
+
+
+def collect(study: StudyConfig, study_dir: Path) -> dict[str, dict[str, Cell]]:
+    """env name -> row -> Cell, in the order of the config."""
+    cells: dict[str, dict[str, Cell]] = {}
+    envs = {e.name: e for e in study.envs}
+    for spec in expand(study):
+        env = envs[spec.env_name]
+        cell = cells.setdefault(spec.env_name, {}).setdefault(spec.row, Cell())
+        run = load_run(study_dir, spec, grid_of(env.total_frames, env.eval_every))
+        if run is None:
+            cell.missing.append(spec.run_id)
+        else:
+            cell.runs.append(run)
+    return cells
+
+
+def summarize_cell(cell: Cell, grid: np.ndarray, threshold: float, budget: int) -> dict[str, Any]:
+    """The statistics of one row on one env (empty when no run finished)."""
+    out: dict[str, Any] = {"runs": len(cell.runs), "missing": cell.missing}
+    if not cell.runs:
+        return out
+    curves = np.stack([r.curve for r in cell.runs])
+    reached = [stats.frames_to_threshold(grid, c, threshold, budget) for c in curves]
+    frames = np.array([f for f, _ in reached])
+    mean, low, high = stats.iqm_curve(curves)
+    out.update(
+        seeds=[r.spec.seed for r in cell.runs],
+        frames_to_threshold={
+            **stats.iqm_estimate(frames).as_dict(),
+            "per_run": frames.tolist(),
+            "censored": [bool(c) for _, c in reached],
+        },
+        final_success={
+            **stats.iqm_estimate(np.array([r.final_success for r in cell.runs])).as_dict(),
+            "per_run": [r.final_success for r in cell.runs],
+        },
+        auc={
+            **stats.iqm_estimate(np.array([stats.area_under_curve(c) for c in curves])).as_dict(),
+            "per_run": [stats.area_under_curve(c) for c in curves],
+        },
+        wall_s_mean=float(np.mean([r.wall_s for r in cell.runs])),
+        steps_per_s_mean=float(np.nanmean([r.steps_per_s for r in cell.runs])),
+        curve={"iqm": mean.tolist(), "ci_low": low.tolist(), "ci_high": high.tolist()},
+    )
+    return out
+
+
+def aggregate(cells: dict[str, dict[str, Cell]]) -> dict[str, Any]:
+    """Per row, IQM over all envs and runs of final success and AUC, stratified by env (rliable).
+
+    Only rows with the same number of finished runs on every env (a [runs, envs] matrix) are included.
+    """
+    out: dict[str, Any] = {}
+    rows = dict.fromkeys(row for by_row in cells.values() for row in by_row)
+    for row in rows:
+        per_env = [by_row.get(row, Cell()).runs for by_row in cells.values()]
+        counts = {len(runs) for runs in per_env}
+        if len(counts) != 1 or 0 in counts:
+            continue
+        final = np.array([[r.final_success for r in runs] for runs in per_env]).T  # [runs, envs]
+        auc = np.array([[stats.area_under_curve(r.curve) for r in runs] for runs in per_env]).T
+        out[row] = {
+            "runs_per_env": counts.pop(),
+            "final_success": stats.iqm_estimate(final).as_dict(),
+            "auc": stats.iqm_estimate(auc).as_dict(),
+        }
+    return out
+
+
+def _seed_ranges(cells: dict[str, dict[str, Cell]], study: StudyConfig) -> dict[str, Any]:
+    from agents.evaluate import VALIDATION_SEED_BASE
+
+    final = sorted({s for by_row in cells.values() for c in by_row.values() for r in c.runs for s in r.final_seeds})
+    episodes = {
+        e.name: int({**study.ppo, **e.ppo}.get("eval_episodes", 100)) for e in study.envs
+    }  # PPOConfig's default is 100
+    return {
+        "training_seeds": study.seeds,
+        "training_env_seeds": "run seed s: env i starts from seed s + i (all below the validation seeds)",
+        "validation_env_seeds": {
+            name: [VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + n - 1] for name, n in episodes.items()
+        },
+        "final_eval_env_seeds": [final[0], final[-1]] if final else [],
+    }
+
+
+def build_report(study_dir: str | Path) -> dict[str, Any]:
+    """Compute the report's data from the study directory (its ``study.yaml`` and run directories)."""
+    study_dir = Path(study_dir)
+    config_path = study_dir / "study.yaml"
+    if not config_path.exists():
+        raise UserError(f"{study_dir} is not a study directory (no study.yaml); run tlb-rl compare first")
+    study = load_study(config_path)
+    cells = collect(study, study_dir)
+    meta_path = study_dir / "study_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    envs = {}
+    for env in study.envs:
+        grid = grid_of(env.total_frames, env.eval_every)
+        envs[env.name] = {
+            "env": env.env,
+            "env_kwargs": env.env_kwargs,
+            "budget": env.total_frames,
+            "eval_every": env.eval_every,
+            "grid": grid.tolist(),
+            "rows": {
+                row: summarize_cell(cell, grid, study.threshold, env.total_frames)
+                for row, cell in cells[env.name].items()
+            },
+        }
+    return {
+        "study": study.name,
+        "command": meta.get("command"),
+        "threshold": study.threshold,
+        "seeds": _seed_ranges(cells, study),
+        "envs": envs,
+        "all_envs": aggregate(cells),
+        "missing_runs": [m for by_row in cells.values() for c in by_row.values() for m in c.missing],
+    }
+
+
+def _frames(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def _est(e: dict[str, float], fmt: Any = "{:.2f}".format) -> str:
+    return f"{fmt(e['iqm'])} [{fmt(e['ci_low'])}, {fmt(e['ci_high'])}]"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    t = report["threshold"]
+    lines = [f"# Study `{report['study']}`", ""]
+    if report["command"]:
+        lines += [f"Command: `{report['command']}`", ""]
+    lines += [
+        "Statistics: interquartile mean (IQM) over seeds with 95% stratified-bootstrap confidence intervals "
+        f"(rliable, {stats.BOOTSTRAP_REPS} resamples). *Frames to {t}*: first validation evaluation with success "
+        f">= {t}; a run that never gets there is **censored** and counted at the budget, so that IQM is a lower "
+        "bound. *Final success*: the best checkpoint (chosen on validation seeds) on held-out evaluation seeds. "
+        "*AUC*: mean validation success over the evaluations (area under the curve / budget). Wall-clock is per "
+        "run (start-up, evaluations and final evaluation included, runs sharing the machine); steps/s is the "
+        "training throughput (median over updates, evaluations excluded).",
+        "",
+    ]
+    for name, env in report["envs"].items():
+        kwargs = ", ".join(f"{k}={v}" for k, v in env["env_kwargs"].items())
+        lines += [
+            f"## {name}: `{env['env']}`{f' ({kwargs})' if kwargs else ''}",
+            "",
+            f"Budget {_frames(env['budget'])} frames per run; validation every {_frames(env['eval_every'])} frames.",
+            "",
+            f"| row | runs | frames to {t} | reached | final success | AUC | wall-clock / run | steps/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row, cell in env["rows"].items():
+            if not cell["runs"]:
+                lines.append(f"| {row} | 0 | no finished run | | | | | |")
+                continue
+            ftt = cell["frames_to_threshold"]
+            n_censored = sum(ftt["censored"])
+            reached = f"{cell['runs'] - n_censored}/{cell['runs']}"
+            prefix = ">= " if n_censored else ""
+            lines.append(
+                f"| {row} | {cell['runs']} | {prefix}{_est(ftt, _frames)} | {reached} | "
+                f"{_est(cell['final_success'])} | {_est(cell['auc'])} | {cell['wall_s_mean']:.0f} s | "
+                f"{cell['steps_per_s_mean']:,.0f} |"
+            )
+        censored = [
+            f"{row} ({sum(c['frames_to_threshold']['censored'])})"
+            for row, c in env["rows"].items()
+            if c["runs"] and any(c["frames_to_threshold"]["censored"])
+        ]
+        if censored:
+            lines += ["", f"Censored at the budget ({_frames(env['budget'])}): {', '.join(censored)} run(s)."]
+        lines.append("")
+    if report["all_envs"]:
+        lines += [
+            "## All envs",
+            "",
+            "IQM over every (env, seed) run, bootstrap stratified by env.",
+            "",
+            "| row | runs per env | final success | AUC |",
+            "|---|---|---|---|",
+        ]
+        for row, agg in report["all_envs"].items():
+            lines.append(f"| {row} | {agg['runs_per_env']} | {_est(agg['final_success'])} | {_est(agg['auc'])} |")
+        lines.append("")
+    seeds = report["seeds"]
+    lines += [
+        "## Seeds",
+        "",
+        f"- training seeds: {seeds['training_seeds']} ({seeds['training_env_seeds']})",
+        "- validation env seeds (curves, best checkpoint): "
+        + ", ".join(f"{k} {a}-{b}" for k, (a, b) in seeds["validation_env_seeds"].items()),
+        f"- final evaluation env seeds: {'-'.join(map(str, seeds['final_eval_env_seeds'])) or 'none yet'}",
+        "",
+    ]
+    if report["missing_runs"]:
+        lines += [
+            f"## Missing runs ({len(report['missing_runs'])}): not in the statistics above",
+            "",
+            "Failed or not yet run; see errors.log and logs/ in the study directory.",
+            "",
+            *[f"- {m}" for m in report["missing_runs"]],
+            "",
+        ]
+    lines += ["![learning curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(report: dict[str, Any], out: Path) -> None:
+    """One panel per env: the IQM validation-success curve of every row with its 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = report["envs"]
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.6), squeeze=False)
+    for ax, (name, env) in zip(axes[0], envs.items(), strict=True):
+        grid = np.array(env["grid"])
+        for row, cell in env["rows"].items():
+            if not cell["runs"]:
+                continue
+            c = cell["curve"]
+            (line,) = ax.plot(grid, c["iqm"], label=f"{row} ({cell['runs']})")
+            ax.fill_between(grid, c["ci_low"], c["ci_high"], color=line.get_color(), alpha=0.2)
+        ax.axhline(report["threshold"], color="grey", ls=":", lw=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("frames")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("validation success (IQM, 95% CI)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(study_dir: str | Path) -> Path:
+    """Write report.md, report.json and curves.png into the study directory; returns report.md's path."""
+    study_dir = Path(study_dir)
+    report = build_report(study_dir)
+    (study_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_curves(report, study_dir / "curves.png")
+    path = study_dir / "report.md"
+    path.write_text(render_markdown(report))
+    return path

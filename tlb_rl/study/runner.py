@@ -1,0 +1,218 @@
+"""Runs a study's grid in parallel, each run in its own process, resumable, never losing a crashed run.
+
+Study directory layout::
+
+    <study>/study.yaml            the study config as given (a later `compare` must match it)
+    <study>/runs/<env>/<row>/s<seed>/   a normal run directory (config.json, metrics.jsonl, final_eval.json, ...)
+                                  plus study_run.json: status, attempts, wall-clock, config fingerprint
+    <study>/logs/<env>/<row>/s<seed>.attempt<k>.log   stdout/stderr of each attempt
+    <study>/errors.log            one block per failed attempt
+    <study>/report.md, report.json, curves.png
+
+Each run is a subprocess (``tlb-rl train`` or the RecurrentPPO baseline), so a crash, even a segfault or an
+out-of-memory kill, ends that run only. A failed attempt is recorded and retried once (from the run's latest
+checkpoint when there is one); a run that fails twice is reported as failed, and the next ``compare`` tries
+it again. A run with ``final_eval.json`` and a matching config fingerprint is finished and skipped.
+
+Backends: ``local`` runs ``workers`` subprocesses at a time from a thread pool (the threads only wait);
+``ray`` sends each run as a 1-CPU Ray task, so a cluster (``--address auto``) spreads them over its nodes;
+there every node needs this package installed and the study directory on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tlb_rl.errors import UserError
+from tlb_rl.study.config import RunSpec, StudyConfig, expand
+
+MAX_ATTEMPTS = 2
+"""A run is tried once and retried once before it is reported as failed."""
+ERROR_TAIL_LINES = 20
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout holding tlb_rl/, agents/ and envs/: a run's process imports this code, installed or not."""
+
+
+@dataclass
+class RunOutcome:
+    """What became of one run: ``done``, ``skipped`` (finished earlier) or ``failed``."""
+
+    run_id: str
+    status: str
+    attempts: int = 0
+    wall_s: float = 0.0
+    error: str | None = None
+
+
+def run_dir_of(study_dir: Path, spec: RunSpec) -> Path:
+    return study_dir / "runs" / spec.run_id
+
+
+def is_finished(study_dir: Path, spec: RunSpec) -> bool:
+    """True for a run that completed with this exact config."""
+    run_dir = run_dir_of(study_dir, spec)
+    record = run_dir / "study_run.json"
+    if not record.exists():
+        return False
+    saved = json.loads(record.read_text())
+    if saved.get("status") != "done" or not (run_dir / "final_eval.json").exists():
+        return False
+    if saved.get("fingerprint") != spec.fingerprint():
+        raise UserError(
+            f"run {spec.run_id} in {study_dir} was made with a different config; "
+            "use another study directory (--out) or delete that run to redo it"
+        )
+    return True
+
+
+def _command(spec: RunSpec, run_dir: Path, config_file: Path, resume: bool) -> list[str]:
+    if spec.algo == "ppo":
+        if resume:
+            return [sys.executable, "-m", "tlb_rl.cli", "train", "--no-progress", "--no-gif", "--resume", str(run_dir)]
+        return [sys.executable, "-m", "tlb_rl.cli", "train", "--no-progress", "--no-gif", "--config", str(config_file)]
+    return [sys.executable, "-m", "tlb_rl.study.sb3_baseline", str(config_file), str(run_dir)]
+
+
+def run_one(study_dir: str, spec_dict: dict[str, Any]) -> dict[str, Any]:
+    """Run one grid cell to completion with up to :data:`MAX_ATTEMPTS` attempts; returns a RunOutcome dict.
+
+    Takes and returns plain dicts so a Ray worker can run it as well as a local thread.
+    """
+    study = Path(study_dir)
+    spec = RunSpec(**spec_dict)
+    run_dir = run_dir_of(study, spec)
+    log_stem = study / "logs" / spec.run_id
+    log_stem.parent.mkdir(parents=True, exist_ok=True)
+    config_file = log_stem.with_suffix(".config.yaml" if spec.algo == "ppo" else ".config.json")
+    config = {**spec.config, "run_dir": str(run_dir)} if spec.algo == "ppo" else spec.config
+    config_file.write_text(yaml.safe_dump(config) if spec.algo == "ppo" else json.dumps(config))
+    record = run_dir / "study_run.json"
+    previous = json.loads(record.read_text()) if record.exists() else {}
+    if previous.get("fingerprint") != spec.fingerprint() and run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished run made with another config: its checkpoint is no use
+        previous = {}
+    attempts, wall = int(previous.get("attempts", 0)), float(previous.get("wall_s", 0.0))
+    error: str | None = "not started"
+    for _ in range(MAX_ATTEMPTS):
+        resume = spec.algo == "ppo" and (run_dir / "checkpoints" / "latest.pt").exists()
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh start must not append to a dead attempt's metrics
+        run_dir.mkdir(parents=True, exist_ok=True)
+        attempts += 1
+        _write_record(record, spec, "running", attempts, wall, None)
+        log = Path(f"{log_stem}.attempt{attempts}.log")
+        started = time.perf_counter()
+        with open(log, "w") as out:
+            # The child must import this checkout even where the package is not installed (a Ray worker).
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+            code = subprocess.run(
+                _command(spec, run_dir, config_file, resume), stdout=out, stderr=out, env=env
+            ).returncode
+        wall += time.perf_counter() - started
+        if code == 0 and (run_dir / "final_eval.json").exists():
+            error = None
+            break
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-ERROR_TAIL_LINES:])
+        error = f"exit status {code} (log: {log})\n{tail}"
+        with open(study / "errors.log", "a") as f:
+            f.write(f"=== {spec.run_id} attempt {attempts} ({time.strftime('%Y-%m-%d %H:%M:%S')}) {error}\n\n")
+    status = "done" if error is None else "failed"
+    _write_record(record, spec, status, attempts, wall, error)
+    return asdict(RunOutcome(spec.run_id, status, attempts, wall, error))
+
+
+def _write_record(record: Path, spec: RunSpec, status: str, attempts: int, wall: float, error: str | None) -> None:
+    """study_run.json; written when an attempt starts too, so a killed study still knows the run's config."""
+    fields = {"run_id": spec.run_id, "status": status, "attempts": attempts, "wall_s": wall}
+    fields.update(fingerprint=spec.fingerprint(), error=error)
+    record.write_text(json.dumps(fields, indent=2) + "\n")
+
+
+def _check_study_file(study_dir: Path, config_path: str | Path) -> None:
+    """A study directory belongs to one config; keep a copy so `tlb-rl report` can re-render without it."""
+    saved = study_dir / "study.yaml"
+    given = Path(config_path).read_text()
+    if saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(given):
+        raise UserError(
+            f"{study_dir} holds a study made from another config (see {saved}); use --out for a new directory"
+        )
+    study_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(given)
+
+
+def _run_local(study_dir: Path, todo: list[RunSpec], workers: int, on_done: Callable[[dict], None]) -> None:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run_one, str(study_dir), asdict(spec)) for spec in todo]
+        for future in as_completed(futures):
+            on_done(future.result())
+
+
+def _run_ray(
+    study_dir: Path, todo: list[RunSpec], workers: int | None, address: str | None, on_done: Callable[[dict], None]
+) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--backend ray needs Ray: pip install 'tlb-rl[ray]' (or pip install ray)") from None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # a local Ray instance with `workers` CPUs
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(run_one)
+        pending = [task.remote(str(study_dir.resolve()), asdict(spec)) for spec in todo]
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            on_done(ray.get(finished[0]))
+    finally:
+        ray.shutdown()
+
+
+def run_study(
+    study: StudyConfig,
+    config_path: str | Path,
+    study_dir: str | Path,
+    backend: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[RunOutcome]:
+    """Run every unfinished run of ``study`` into ``study_dir``; returns one outcome per run of the grid."""
+    study_dir = Path(study_dir)
+    _check_study_file(study_dir, config_path)
+    specs = expand(study)
+    done = {s.run_id for s in specs if is_finished(study_dir, s)}
+    todo = [s for s in specs if s.run_id not in done]
+    outcomes = [RunOutcome(run_id, "skipped") for run_id in sorted(done)]
+    log(f"{len(specs)} runs: {len(done)} finished earlier, {len(todo)} to run ({backend} backend)")
+
+    def on_done(result: dict) -> None:
+        outcome = RunOutcome(**result)
+        outcomes.append(outcome)
+        note = f" after {outcome.attempts} attempts: {outcome.error.splitlines()[0]}" if outcome.error else ""
+        log(f"[{len(outcomes)}/{len(specs)}] {outcome.run_id}: {outcome.status} ({outcome.wall_s:.0f} s){note}")
+
+    if todo:
+        if backend == "local":
+            _run_local(study_dir, todo, workers or 1, on_done)
+        elif backend == "ray":
+            _run_ray(study_dir, todo, workers, address, on_done)
+        else:
+            raise UserError(f"unknown backend '{backend}'; use local or ray")
+    return outcomes
+
+
+def failed(outcomes: Iterable[RunOutcome]) -> list[RunOutcome]:
+    return [o for o in outcomes if o.status == "failed"]

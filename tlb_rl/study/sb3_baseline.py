@@ -1,0 +1,159 @@
+"""sb3-contrib's RecurrentPPO as a study row: trained on our envs, written as a run directory like ours.
+
+The run directory gets ``config.json``, ``metrics.jsonl`` (``validation/success_rate`` on the same held-out
+validation seeds as our PPO, every ``eval_every`` frames, and ``time/fps``), ``checkpoints/best.zip`` and
+``final_eval.json`` (best checkpoint, the same held-out evaluation seeds as ``tlb-rl train``). Observations
+are flattened (``FlattenObservation`` over ``envs.make_env``), so its policy is an MLP + LSTM as in
+``benchmarks/throughput.py``.
+
+    python -m tlb_rl.study.sb3_baseline RUN_CONFIG.json RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RecurrentPPOConfig:
+    """A RecurrentPPO run; defaults are those measured in papers.md section 3 (8 envs, n_steps 128)."""
+
+    env: str = "tmaze"
+    env_kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+    total_frames: int = 100_000
+    eval_every: int = 10_000
+    """Frames between validation evaluations (a multiple of n_envs)."""
+    eval_episodes: int = 100
+    """Episodes per validation evaluation and for the final evaluation."""
+    n_envs: int = 8
+    n_steps: int = 128
+    batch_size: int = 256
+    n_epochs: int = 4
+    learning_rate: float = 2.5e-4
+    ent_coef: float = 0.01
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    torch_threads: int | None = 1
+    """``torch.set_num_threads`` (None: torch's default)."""
+
+
+def _make_env(config: RecurrentPPOConfig) -> Any:
+    import gymnasium as gym
+
+    from envs import make_env
+
+    return gym.wrappers.FlattenObservation(make_env(config.env, **config.env_kwargs))
+
+
+def evaluate_recurrent(model: Any, config: RecurrentPPOConfig, seed_start: int, n_parallel: int = 8) -> dict:
+    """Success rate over ``eval_episodes`` episodes on env seeds ``seed_start`` onwards, sampled actions."""
+    from agents.evaluate import episode_success
+
+    n = config.eval_episodes
+    envs = [_make_env(config) for _ in range(min(n_parallel, n))]
+    seeds = list(range(seed_start, seed_start + len(envs)))
+    next_seed = seed_start + len(envs)
+    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
+    state, starts = None, np.ones(len(envs), dtype=bool)
+    active = np.ones(len(envs), dtype=bool)
+    ret = np.zeros(len(envs))
+    results: list[tuple[int, float, bool]] = []
+    while active.any():
+        actions, state = model.predict(np.stack(obs), state=state, episode_start=starts, deterministic=False)
+        starts = np.zeros(len(envs), dtype=bool)
+        for i in np.flatnonzero(active):
+            obs[i], reward, terminated, truncated, info = envs[i].step(actions[i])
+            ret[i] += reward
+            if terminated or truncated:
+                results.append((seeds[i], float(ret[i]), episode_success(ret[i], info)))
+                ret[i], starts[i] = 0.0, True
+                if next_seed < seed_start + n:
+                    obs[i] = envs[i].reset(seed=next_seed)[0]
+                    seeds[i], next_seed = next_seed, next_seed + 1
+                else:
+                    active[i] = False
+    for env in envs:
+        env.close()
+    results.sort()
+    return {
+        "episodes": len(results),
+        "success_rate": float(np.mean([r[2] for r in results])),
+        "mean_return": float(np.mean([r[1] for r in results])),
+        "seeds": [r[0] for r in results],
+    }
+
+
+def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
+    """Train RecurrentPPO with validation every ``eval_every`` frames; returns the final evaluation."""
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"algo": "recurrentppo", **dataclasses.asdict(config)}, indent=2))
+    best = run_dir / "checkpoints" / "best.zip"
+    vec = make_vec_env(lambda: _make_env(config), n_envs=config.n_envs, seed=config.seed)
+    hyper = {k: getattr(config, k) for k in ("n_steps", "batch_size", "n_epochs", "learning_rate", "ent_coef")}
+    model = RecurrentPPO(
+        "MlpLstmPolicy", vec, seed=config.seed, device="cpu", gamma=config.gamma, gae_lambda=config.gae_lambda, **hyper
+    )
+
+    class Validate(BaseCallback):
+        """Evaluates on validation seeds at every multiple of eval_every; the time it takes is not training."""
+
+        def _on_training_start(self) -> None:
+            self.next_eval, self.best, self.clock = config.eval_every, -1.0, time.perf_counter()
+            self.frames_at_clock = 0
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps < self.next_eval:
+                return True
+            fps = (self.num_timesteps - self.frames_at_clock) / (time.perf_counter() - self.clock)
+            result = evaluate_recurrent(self.model, config, VALIDATION_SEED_BASE)
+            if result["success_rate"] > self.best:
+                self.best = result["success_rate"]
+                self.model.save(best)
+            row = {"frames": self.num_timesteps, "validation/success_rate": result["success_rate"], "time/fps": fps}
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.next_eval += config.eval_every
+            self.clock, self.frames_at_clock = time.perf_counter(), self.num_timesteps
+            return True
+
+    model.learn(config.total_frames, callback=Validate())
+    vec.close()
+    final_model = RecurrentPPO.load(best, device="cpu") if best.exists() else model
+    result = evaluate_recurrent(final_model, config, EVAL_SEED_BASE)
+    result["checkpoint"] = str(best)
+    (run_dir / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="JSON file with RecurrentPPOConfig keys")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    from tlb_rl.config import from_dict
+
+    config = from_dict(RecurrentPPOConfig, json.loads(Path(args.config).read_text()), "RecurrentPPO")
+    result = train(config, Path(args.run_dir))
+    print(f"final evaluation on {result['episodes']} held-out episodes: success {result['success_rate']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
