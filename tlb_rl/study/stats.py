@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import trim_mean
 
+from tlb_rl.errors import UserError
+
 BOOTSTRAP_REPS = 2000
 """Bootstrap resamples per interval; 2000 keeps a whole report under a few seconds."""
 CONFIDENCE = 0.95
@@ -38,7 +40,10 @@ def bootstrap_interval(
     :param func: maps an array shaped like ``scores`` to a 1-D array of estimates.
     :return: (estimate, lower, upper), each shaped like ``func``'s output.
     """
-    from rliable import library as rly  # imported here: it pulls in pandas and arch (~1 s)
+    try:
+        from rliable import library as rly  # imported here: it pulls in pandas and arch (~1 s)
+    except ImportError as e:
+        raise UserError(f"study statistics need rliable ({e}): pip install 'tlb-rl[stats]'") from None
 
     # rliable draws its resamples from numpy's global generator: seed it for a reproducible report,
     # and put the caller's state back afterwards.
