@@ -78,6 +78,7 @@ def _finish(model: PPO, run_dir: Path, gif: bool) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from agents.ppo import PPO
+    from tlb_rl.checkpoint import load_checkpoint
 
     run_dir = Path(args.run_dir)
     ckpt = run_dir if run_dir.is_file() else run_dir / "checkpoints" / f"{args.checkpoint}.pt"
@@ -85,10 +86,37 @@ def _eval(args: argparse.Namespace) -> None:
         ckpt = run_dir / "checkpoints" / "latest.pt"  # no evaluation ran during training
     if not ckpt.exists():
         raise UserError(f"no checkpoint at {ckpt}: is {run_dir} a run directory of a run that saved one?")
-    model = PPO.load(ckpt, device="auto")  # a run trained on a GPU evaluates on a machine without one
-    result = model.evaluate(args.episodes, gif_path=args.gif, deterministic=args.deterministic)
+    if load_checkpoint(ckpt).get("algo") == "bc":
+        from agents.bc import BC
+
+        # Without --deterministic a BC run keeps its config's choice (greedy by default, like the bot it copies).
+        bc = BC.load(ckpt, device="auto")
+        result = bc.evaluate(args.episodes, gif_path=args.gif, deterministic=True if args.deterministic else None)
+    else:
+        model = PPO.load(ckpt, device="auto")  # a run trained on a GPU evaluates on a machine without one
+        result = model.evaluate(args.episodes, gif_path=args.gif, deterministic=args.deterministic)
     summary = {k: result[k] for k in ("episodes", "success_rate", "mean_return", "mean_length")}
     print(json.dumps(summary))
+
+
+def _demos(args: argparse.Namespace) -> None:
+    from agents.demos import generate_demos
+
+    data = generate_demos(
+        args.env, args.episodes, args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress
+    )
+    h = data.header
+    print(
+        f"kept {h['episodes']} of {args.episodes} episodes ({len(h['failed_seeds'])} failed"
+        + (f": {'; '.join(h['failure_reasons'])}" if h["failed_seeds"] else "")
+        + f"), {h['steps']} steps, in {args.out}"
+    )
+
+
+def _bc(args: argparse.Namespace) -> None:
+    from agents.bc import train_from_cli
+
+    train_from_cli(args.config, args.overrides, progress=not args.no_progress, gif=args.gif)
 
 
 def _envs(args: argparse.Namespace) -> None:
@@ -136,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gif", help="write a GIF of the first episode here")
     p.add_argument("--deterministic", action="store_true", help="take the most likely action")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demos", help="record BabyAI bot demonstrations (successful episodes only)")
+    p.add_argument("--env", required=True, help="a BabyAI level, e.g. BabyAI-GoToLocal-v0")
+    p.add_argument("--episodes", type=_positive_int, required=True, help="episodes the bot plays")
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="first env seed (default 0; seeds stay below 500000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_demos)
+
+    p = sub.add_parser("bc", help="behaviour cloning from demonstrations (TLB core by default)")
+    p.add_argument("--config", help="YAML config (configs/bc/*.yaml); keys are BCConfig fields")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-gif", dest="gif", action="store_false", help="skip the GIF of an evaluation episode")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. core=lstm")
+    p.set_defaults(func=_bc)
 
     p = sub.add_parser("envs", help="list environment families and registered plug-ins")
     p.set_defaults(func=_envs)
