@@ -176,6 +176,14 @@ def test_crashed_run_is_retried_once_then_reported(tmp_path, monkeypatch):
     assert record["status"] == "failed" and not runner.is_finished(tmp_path, spec)
 
 
+def test_an_interrupted_run_is_not_retried_and_resumes_later(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_command", _fake_command("import sys; sys.exit(130)"))  # Ctrl-C in the child
+    spec = RunSpec("e/r/s0", "e", "r", 0, "ppo", {"x": 1})
+    out = runner.run_one(str(tmp_path), vars(spec))
+    assert (out["status"], out["attempts"]) == ("interrupted", 1)
+    assert not (tmp_path / "errors.log").exists() and not runner.is_finished(tmp_path, spec)
+
+
 def test_a_run_that_fails_once_succeeds_on_retry(tmp_path, monkeypatch):
     script = (
         "import sys, pathlib; d = pathlib.Path(sys.argv[1]); m = d.parent / 'tried'\n"

@@ -24,15 +24,19 @@ def compare(
     """
     study = load_study(config)
     study_dir = Path(out) if out else STUDIES_DIR / study.name
-    outcomes = run_study(
-        study,
-        config,
-        study_dir,
-        backend=backend,
-        workers=workers,
-        address=address,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    try:
+        outcomes = run_study(
+            study,
+            config,
+            study_dir,
+            backend=backend,
+            workers=workers,
+            address=address,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the same command resumes the study in {study_dir}", file=sys.stderr)
+        sys.exit(130)
     command = " ".join(
         ["tlb-rl compare --config", shlex.quote(config), *([f"--out {shlex.quote(out)}"] if out else [])]
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,13 +42,15 @@ from tlb_rl.study.config import RunSpec, StudyConfig, expand
 MAX_ATTEMPTS = 2
 """A run is tried once and retried once before it is reported as failed."""
 ERROR_TAIL_LINES = 20
+INTERRUPTED = (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)
+"""Exit statuses of a run that was stopped from outside: it is resumed by the next compare, not retried."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout holding tlb_rl/, agents/ and envs/: a run's process imports this code, installed or not."""
 
 
 @dataclass
 class RunOutcome:
-    """What became of one run: ``done``, ``skipped`` (finished earlier) or ``failed``."""
+    """What became of one run: ``done``, ``skipped`` (finished earlier), ``failed`` or ``interrupted``."""
 
     run_id: str
     status: str
@@ -124,6 +127,9 @@ def run_one(study_dir: str, spec_dict: dict[str, Any]) -> dict[str, Any]:
         if code == 0 and (run_dir / "final_eval.json").exists():
             error = None
             break
+        if code in INTERRUPTED:  # Ctrl-C or a kill: not the run's fault, and the user wants to stop
+            _write_record(record, spec, "interrupted", attempts, wall, None)
+            return asdict(RunOutcome(spec.run_id, "interrupted", attempts, wall, None))
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-ERROR_TAIL_LINES:])
         error = f"exit status {code} (log: {log})\n{tail}"
         with open(study / "errors.log", "a") as f:
@@ -153,10 +159,14 @@ def _check_study_file(study_dir: Path, config_path: str | Path) -> None:
 
 
 def _run_local(study_dir: Path, todo: list[RunSpec], workers: int, on_done: Callable[[dict], None]) -> None:
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = [pool.submit(run_one, str(study_dir), asdict(spec)) for spec in todo]
         for future in as_completed(futures):
             on_done(future.result())
+    finally:
+        # On Ctrl-C the running children get SIGINT too and save a checkpoint; queued runs never start.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_ray(

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import trim_mean
 
 from tlb_rl.errors import UserError
 
@@ -24,6 +23,8 @@ CONFIDENCE = 0.95
 
 def iqm(scores: np.ndarray, axis: int | None = None) -> np.ndarray:
     """Interquartile mean along ``axis`` (None: of all values, as rliable's ``aggregate_iqm``)."""
+    from scipy.stats import trim_mean  # scipy comes with rliable (the ``stats`` extra)
+
     return np.asarray(trim_mean(scores, proportiontocut=0.25, axis=axis))
 
 
