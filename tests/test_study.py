@@ -200,6 +200,23 @@ def test_a_run_that_fails_once_succeeds_on_retry(tmp_path, monkeypatch):
         runner.is_finished(tmp_path, changed)
 
 
+def test_recurrentppo_baseline_writes_a_run_directory_like_ours(tmp_path):
+    from agents.evaluate import EVAL_SEED_BASE
+    from tlb_rl.study.sb3_baseline import RecurrentPPOConfig, train
+
+    config = RecurrentPPOConfig(
+        env="tmaze", env_kwargs={"corridor_length": 2}, total_frames=1024, eval_every=512, n_envs=4, n_steps=64,
+        batch_size=128, n_epochs=1, eval_episodes=6,
+    )  # fmt: skip
+    result = train(config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["frames"] for r in rows] == [512, 1024]  # each evaluation after the update that reached it
+    assert all(0 <= r["validation/success_rate"] <= 1 and r["time/fps"] > 0 for r in rows)
+    final = json.loads((tmp_path / "final_eval.json").read_text())
+    assert final == result and final["seeds"] == list(range(EVAL_SEED_BASE, EVAL_SEED_BASE + 6))
+    assert (tmp_path / "checkpoints" / "best.zip").is_file()
+
+
 # ---------------------------------------------------------------------- end to end
 def run_compare(args: list[str], capsys) -> int:
     try:

@@ -214,8 +214,11 @@ def baseline_config(study: StudyConfig, name: str, env: EnvEntry, seed: int) -> 
         "eval_every": env.eval_every,
     }
     config = from_dict(RecurrentPPOConfig, merged, f"baseline {name} on {env.name}")
-    if env.eval_every % config.n_envs:
-        raise UserError(f"baseline {name} on {env.name}: eval_every must be a multiple of n_envs ({config.n_envs})")
+    if env.eval_every % (config.n_envs * config.n_steps):
+        raise UserError(
+            f"baseline {name} on {env.name}: eval_every ({env.eval_every}) must be a multiple of "
+            f"n_envs * n_steps ({config.n_envs * config.n_steps})"
+        )
     return dataclasses.asdict(config)
 
 

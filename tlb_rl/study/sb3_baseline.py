@@ -31,7 +31,7 @@ class RecurrentPPOConfig:
     seed: int = 0
     total_frames: int = 100_000
     eval_every: int = 10_000
-    """Frames between validation evaluations (a multiple of n_envs)."""
+    """Frames between validation evaluations (a multiple of n_envs * n_steps)."""
     eval_episodes: int = 100
     """Episodes per validation evaluation and for the final evaluation."""
     n_envs: int = 8
@@ -113,15 +113,28 @@ def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
     )
 
     class Validate(BaseCallback):
-        """Evaluates on validation seeds at every multiple of eval_every; the time it takes is not training."""
+        """Evaluates on validation seeds once the frames trained on pass each multiple of eval_every.
+
+        Checked where a rollout starts (after the previous update) and at the end, so the model evaluated
+        at F frames has been updated on all F, as our PPO's is; evaluation time is not training time.
+        """
 
         def _on_training_start(self) -> None:
             self.next_eval, self.best, self.clock = config.eval_every, -1.0, time.perf_counter()
             self.frames_at_clock = 0
 
+        def _on_rollout_start(self) -> None:
+            self._validate()
+
+        def _on_training_end(self) -> None:
+            self._validate()
+
         def _on_step(self) -> bool:
+            return True
+
+        def _validate(self) -> None:
             if self.num_timesteps < self.next_eval:
-                return True
+                return
             fps = (self.num_timesteps - self.frames_at_clock) / (time.perf_counter() - self.clock)
             result = evaluate_recurrent(self.model, config, VALIDATION_SEED_BASE)
             if result["success_rate"] > self.best:
@@ -130,9 +143,9 @@ def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
             row = {"frames": self.num_timesteps, "validation/success_rate": result["success_rate"], "time/fps": fps}
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            self.next_eval += config.eval_every
+            while self.next_eval <= self.num_timesteps:
+                self.next_eval += config.eval_every
             self.clock, self.frames_at_clock = time.perf_counter(), self.num_timesteps
-            return True
 
     model.learn(config.total_frames, callback=Validate())
     vec.close()
