@@ -103,10 +103,12 @@ class RunSpec:
     algo: str
     """``ppo`` or a baseline's name."""
     config: dict[str, Any]
-    """The run's full config (for PPO, PPOConfig keys; run_dir is set by the runner)."""
+    """The keys the study sets (for PPO, PPOConfig keys; run_dir is set by the runner). The run directory's
+    config.json holds the full config, defaults included."""
 
     def fingerprint(self) -> str:
-        """A hash of the config: a finished run is reused only if it was made with the same one."""
+        """A hash of the study's keys: a finished run is reused only if it was asked for with the same ones
+        (a default changed in the code since does not count: code versions are not tracked)."""
         return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -169,7 +171,7 @@ def _merge(*layers: dict) -> dict:
 
 
 def ppo_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, seed: int) -> dict[str, Any]:
-    """The PPOConfig keys of one grid cell, validated."""
+    """The PPOConfig keys the study sets for one grid cell (validated; PPOConfig's defaults fill the rest)."""
     from agents.ppo import PPOConfig  # the command layer may import agents/ (like cli.py)
 
     base = load_yaml(agent.config) if agent.config else {}
@@ -193,11 +195,11 @@ def ppo_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, 
         raise UserError(
             f"{where}: eval_every ({env.eval_every}) must be a multiple of n_envs * n_steps ({frames_per_update})"
         )
-    return dataclasses.asdict(config)
+    return merged
 
 
 def baseline_config(study: StudyConfig, name: str, env: EnvEntry, seed: int) -> dict[str, Any]:
-    """The config of a baseline run (hyperparameters from the study, budget and env from the grid)."""
+    """The keys of a baseline run (hyperparameters from the study, budget and env from the grid), validated."""
     from tlb_rl.study.sb3_baseline import RecurrentPPOConfig
 
     # The baseline shares the PPO rows' keys it knows (rollout length, learning rate, validation episodes...),
@@ -219,7 +221,7 @@ def baseline_config(study: StudyConfig, name: str, env: EnvEntry, seed: int) -> 
             f"baseline {name} on {env.name}: eval_every ({env.eval_every}) must be a multiple of "
             f"n_envs * n_steps ({config.n_envs * config.n_steps})"
         )
-    return dataclasses.asdict(config)
+    return merged
 
 
 def expand(study: StudyConfig) -> list[RunSpec]:
