@@ -6,6 +6,7 @@ import difflib
 import inspect
 
 from tlb_rl.cores.base import Core, State
+from tlb_rl.cores.brsm import BRSMCore
 from tlb_rl.cores.rnn import FeedForwardCore, RNNCore
 from tlb_rl.cores.tlb import TLBCore
 from tlb_rl.cores.transformer import WindowTransformerCore
@@ -25,6 +26,7 @@ CORES = {
     "lstm": _lstm,
     "gru": _gru,
     "transformer": WindowTransformerCore,
+    "brsm": BRSMCore,
     "none": FeedForwardCore,
 }
 """Core names a config may use, each with the class (or factory) that builds it."""
