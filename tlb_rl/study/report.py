@@ -226,7 +226,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## {name}: `{env['env']}`{f' ({kwargs})' if kwargs else ''}",
             "",
-            f"Budget {_frames(env['budget'])} frames per run; validation every {_frames(env['eval_every'])} frames.",
+            f"Budget {env['budget']:,} frames per run; validation every {env['eval_every']:,} frames.",
             "",
             f"| row | runs | frames to {t} | reached | final success | AUC | wall-clock / run | steps/s |",
             "|---|---|---|---|---|---|---|---|",
