@@ -15,6 +15,16 @@ from tlb_rl.cores.brsm import BRSMCore
 IN = 6
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """bRSM steps through time in many small ops: one thread runs them faster, and a busy machine's other
+    work slows them less."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build(seed: int = 0, **hp) -> BRSMCore:
     torch.manual_seed(seed)
     return make_core("brsm", IN, **{"m": 10, "k": 3, **hp})
@@ -159,16 +169,7 @@ def test_decay_is_capped_and_learned():
     assert torch.count_nonzero(core.decay_logit.grad) > 0
 
 
-@pytest.fixture
-def one_thread():
-    """Small models train faster on one thread (and the machine's other work slows them less)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_auxiliary_loss_decreases_on_a_repeating_sequence(one_thread):
+def test_auxiliary_loss_decreases_on_a_repeating_sequence():
     """Predict the next input of A B A C A B A C ...: after A, only the trace of the step before says
     whether B or C comes. The best predictor without memory says (B + C) / 2 there; bRSM must beat it."""
     core = build(m=64, k=8)
