@@ -129,6 +129,7 @@ def train(model: Model, seqs: torch.Tensor, images: list[torch.Tensor], args: ar
     stream = Stream(seqs, images, args.batch, args.seed + 1)
     state = model.core.initial_state(args.batch)
     no_starts = torch.zeros(args.batch, BPTT, dtype=torch.bool)
+    refresh_boost = getattr(model.core, "refresh_boost", None)  # bRSM ranks winners with these factors
     model.core.train()
     t0 = time.perf_counter()
     for _ in range(args.windows):
@@ -137,6 +138,8 @@ def train(model: Model, seqs: torch.Tensor, images: list[torch.Tensor], args: ar
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if refresh_boost is not None:  # once per batch, as the paper's boosting updates
+            refresh_boost()
     return time.perf_counter() - t0
 
 

@@ -43,11 +43,15 @@ class BRSMCore(Core):
     top of a memory that only the prediction loss shapes. ``detach_output=False`` lets the policy's
     gradient reach the current step's sigma_t (still never an earlier step).
 
-    Boosting state (buffers ``duty_cycle``, ``boost_strength``, ``train_steps``) changes only in training
-    mode, after every time step of a forward call, so one call of T steps and T calls of one step give the
-    same outputs, state and buffers in both modes. RL has no epochs: the boost strength is multiplied by
-    ``boost_decay`` every ``boost_decay_steps`` training time steps (a PPO update with 4 epochs over
-    64-step segments in 4 minibatches runs 1024 of them).
+    Boosting: the duty cycles (buffer ``duty_cycle``) are updated after every time step of a training-mode
+    forward call; RL has no epochs, so the boost strength is multiplied by ``boost_decay`` every
+    ``boost_decay_steps`` training time steps (a PPO update with 4 epochs over 64-step segments in 4
+    minibatches runs 1024 of them). The boost factors the winners are ranked with (buffer ``boost``) are
+    refreshed from these only by :meth:`refresh_boost`, which switching the core to eval mode calls: PPO
+    and BC do that before every rollout or evaluation, so a whole PPO update re-runs its rollout with the
+    boost factors that acted in it (its first minibatch reproduces the rollout's log-probs), and one call
+    of T steps equals T calls of one step in both modes, buffers included. A training loop that never
+    switches to eval mode calls :meth:`refresh_boost` itself, once per batch or epoch.
 
     :param input_dim: width of the inputs x_t.
     :param m: number of groups.
@@ -98,6 +102,7 @@ class BRSMCore(Core):
         self.register_buffer("duty_cycle", torch.zeros(units))
         self.register_buffer("boost_strength", torch.tensor(float(boost_strength)))
         self.register_buffer("train_steps", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("boost", self.boost_factor())
         self._aux: torch.Tensor | None = None
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
@@ -111,10 +116,20 @@ class BRSMCore(Core):
         """exp((target density - duty cycle) * strength) per unit: > 1 for cells that win too rarely."""
         return torch.exp((self.k / self.output_dim - self.duty_cycle) * self.boost_strength)
 
+    @torch.no_grad()
+    def refresh_boost(self) -> None:
+        """Rank winners with the boost factors of the current duty cycles and strength from now on."""
+        self.boost.copy_(self.boost_factor())
+
+    def train(self, mode: bool = True) -> BRSMCore:
+        if not mode:
+            self.refresh_boost()  # the start of a rollout or an evaluation: the boost's "epoch boundary"
+        return super().train(mode)
+
     def winners(self, sigma: torch.Tensor) -> torch.Tensor:
         """Binary mask [B, m*n] of the k winning cells: the top-k groups, then the best cell of each."""
         B = sigma.shape[0]
-        pi = (sigma - sigma.min(-1, keepdim=True).values + 1.0) * self.boost_factor()  # positive, boosted
+        pi = (sigma - sigma.min(-1, keepdim=True).values + 1.0) * self.boost  # positive, boosted
         best, cell = pi.view(B, self.m, self.n).max(-1)  # [B, m]: each group's best cell
         groups = best.topk(self.k, -1).indices  # [B, k]
         mask = torch.zeros(B, self.m, self.n, device=sigma.device)
