@@ -382,8 +382,9 @@ def load_demos(path: str | Path, env: str | None = None) -> DemoDataset:
 def demos_to_minari(dataset: DemoDataset, dataset_id: str, data_path: str | Path | None = None) -> Path:
     """Export to a Minari dataset (HDF5, raw arrays; needs ``pip install "minari[hdf5]"``, not jax).
 
-    Minari's own format was measured too large for this use (about 27 KB per 6-step BabyAI episode, which is
-    ~2.7 GB for 100k episodes, against ~0.2 KB here), so it is the exchange format, not the working one.
+    Minari's HDF5 was measured too large and slow to be the working format (2,500 GoToLocal episodes: 65 MB,
+    25 s to write, 16 s to read back, i.e. ~26 KB per 5-step episode and ~2.6 GB for 100k) against this
+    module's file (0.25 MB, 0.3 s; 25k episodes load in 0.9 s), so Minari is the exchange format only.
 
     :param data_path: Minari's datasets root (default: ``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``).
     :return: the directory Minari wrote.
