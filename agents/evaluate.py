@@ -10,13 +10,14 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from envs.seeding import TRAINING_SEED_LIMIT
 from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.policy import SequencePolicy
 from tlb_rl.spaces import clip_to_space, stack_observations
 
 EVAL_SEED_BASE = 1_000_000
 """Env seeds of reported evaluations (final evaluation, ``tlb-rl eval``) start here."""
-VALIDATION_SEED_BASE = 500_000
+VALIDATION_SEED_BASE = TRAINING_SEED_LIMIT
 """Env seeds of the evaluations that pick the best checkpoint during training start here, so the reported
 success is not measured on the episodes that selected the checkpoint. Training envs use seeds below."""
 

@@ -10,10 +10,14 @@ whole segments with the current parameters, so no hidden state is stale inside a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +102,8 @@ class PPOConfig:
     """Updates between checkpoints of the latest state."""
     run_dir: str | None = None
     """Directory for logs, checkpoints, plots (None: keep nothing on disk)."""
+    init_from: str | None = None
+    """A PPO or BC checkpoint whose policy weights training starts from (same core, spaces and encoder)."""
 
     def __post_init__(self) -> None:
         at_least = {
@@ -173,6 +179,7 @@ class PPO:
             torch.set_num_threads(cfg.torch_threads)
         self.device = resolve_device(cfg.device)
         self.envs: gym.vector.VectorEnv | None = None
+        fresh = spaces is None  # not loaded from a checkpoint
         if spaces is None:
             probe = make_env(self.env_spec, **cfg.env_kwargs)
             spaces = (probe.observation_space, probe.action_space)
@@ -186,6 +193,26 @@ class PPO:
         self._generator = torch.Generator().manual_seed(cfg.seed)
         self._carry: tuple[Any, State, torch.Tensor] | None = None  # obs, core state, episode starts
         self._episode_stats = _EpisodeStats(cfg.n_envs)
+        self._saved_rollout: dict[str, Any] | None = None  # a loaded checkpoint's in-flight rollout
+        self._stop_requested = False
+        if cfg.init_from and fresh:
+            self._load_policy_weights(cfg.init_from)
+
+    def _load_policy_weights(self, path: str) -> None:
+        data = load_checkpoint(path)
+        missing = {"policy", "spaces"} - set(data)
+        if missing:
+            raise UserError(f"init_from checkpoint {path} has no {', '.join(sorted(missing))}")
+        saved = (space_from_dict(data["spaces"]["observation"]), space_from_dict(data["spaces"]["action"]))
+        if saved != (self.observation_space, self.action_space):
+            raise UserError(f"init_from checkpoint {path} was made for other spaces than env '{self.config.env}'")
+        try:
+            self.policy.load_state_dict(data["policy"])
+        except RuntimeError as e:
+            raise UserError(
+                f"init_from checkpoint {path} does not fit this policy (core '{self.config.core}', core_kwargs, "
+                f"encoder_kwargs must match the saved ones): {str(e).strip().splitlines()[0]}"
+            ) from None
 
     @property
     def seq_len(self) -> int:
@@ -239,30 +266,56 @@ class PPO:
         logger = RunLogger(run_dir, total, progress, start_frames=self.frames)
         next_eval = (self.frames // cfg.eval_every + 1) * cfg.eval_every if cfg.eval_every else math.inf
         try:
-            while self.frames < total:
-                t0 = time.perf_counter()
-                self._collect(buffer)
-                t1 = time.perf_counter()
-                metrics = self._update(buffer, total)
-                t2 = time.perf_counter()
-                self.frames += cfg.n_steps * cfg.n_envs
-                self.updates += 1
-                metrics.update(self._episode_stats.flush())
-                metrics["time/fps"] = cfg.n_steps * cfg.n_envs / (t2 - t0)
-                metrics["time/rollout_s"], metrics["time/update_s"] = t1 - t0, t2 - t1
-                if self.frames >= next_eval:
-                    metrics.update(self._evaluate_and_keep_best())
-                    next_eval = (self.frames // cfg.eval_every + 1) * cfg.eval_every
-                logger.log(self.frames, metrics)
-                if run_dir is not None and self.updates % cfg.checkpoint_every == 0:
-                    self.save(run_dir / "checkpoints" / "latest.pt")
-                if callback is not None and callback(self, metrics) is False:
-                    break
+            with self._interrupt_after_update():
+                while self.frames < total and not self._stop_requested:
+                    t0 = time.perf_counter()
+                    self._collect(buffer)
+                    t1 = time.perf_counter()
+                    metrics = self._update(buffer, total)
+                    t2 = time.perf_counter()
+                    self.frames += cfg.n_steps * cfg.n_envs
+                    self.updates += 1
+                    metrics.update(self._episode_stats.flush())
+                    metrics["time/fps"] = cfg.n_steps * cfg.n_envs / (t2 - t0)
+                    metrics["time/rollout_s"], metrics["time/update_s"] = t1 - t0, t2 - t1
+                    if self.frames >= next_eval:
+                        metrics.update(self._evaluate_and_keep_best())
+                        next_eval = (self.frames // cfg.eval_every + 1) * cfg.eval_every
+                    logger.log(self.frames, metrics)
+                    if run_dir is not None and self.updates % cfg.checkpoint_every == 0:
+                        self.save(run_dir / "checkpoints" / "latest.pt")
+                    if callback is not None and callback(self, metrics) is False:
+                        break
         finally:
             logger.close()
         if run_dir is not None:
             self.save(run_dir / "checkpoints" / "latest.pt")
+        if self._stop_requested:
+            self._stop_requested = False
+            raise KeyboardInterrupt
         return self
+
+    @contextlib.contextmanager
+    def _interrupt_after_update(self) -> Iterator[None]:
+        """A first Ctrl-C ends training after the current update (so the checkpoint is exact); a second stops now.
+
+        Only in the main thread, where Python delivers signals.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print("\nstopping after this update (Ctrl-C again to stop at once)", file=sys.stderr)
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _ensure_envs(self) -> gym.vector.VectorEnv:
         cfg = self.config
@@ -279,11 +332,59 @@ class PPO:
                     envs.close()
                     raise UserError(f"env '{cfg.env}' has {kind} space {have}, but the model was built for {want}")
             self.envs = envs
+            if self._saved_rollout is not None:
+                self._restore_rollout(self._saved_rollout)
+                self._saved_rollout = None
         return self.envs
 
+    def _rollout_snapshot(self) -> dict[str, Any] | None:
+        """The in-flight rollout as plain data: each env's seed stream and episode actions, core states."""
+        if self._carry is None or self.envs is None:
+            return None
+        obs, state, starts = self._carry
+        envs = [
+            {"stream": e["stream"], "episode": e["episode"], "actions": torch.as_tensor(e["actions"])}
+            for e in self.envs.call("snapshot")
+        ]
+        return {
+            "env_spec": _spec_name(self.env_spec),
+            "env_kwargs": self.config.env_kwargs,
+            "envs": envs,
+            "obs": {k: torch.as_tensor(v) for k, v in obs.items()} if isinstance(obs, dict) else torch.as_tensor(obs),
+            "core_state": state,
+            "episode_starts": starts,
+            "episode_return": torch.as_tensor(self._episode_stats.ret),
+            "episode_length": torch.as_tensor(self._episode_stats.length),
+        }
+
+    def _restore_rollout(self, saved: dict[str, Any]) -> None:
+        """Rebuild the envs' episodes (reset with their seeds, replay their actions) and the core states."""
+        cfg, envs = self.config, self.envs
+        assert envs is not None
+        same_setting = (
+            len(saved["envs"]) == cfg.n_envs
+            and saved["env_spec"] == _spec_name(self.env_spec)
+            and saved["env_kwargs"] == cfg.env_kwargs
+        )
+        if not same_setting:
+            return  # other envs than the saved ones: start fresh episodes, as a new run would
+        envs.set_attr("restore_from", [{**e, "actions": e["actions"].numpy()} for e in saved["envs"]])
+        obs, _ = envs.reset()
+        if not _same_observations(obs, saved["obs"]):
+            print(
+                f"warning: env '{cfg.env}' did not replay its episodes exactly (it is not deterministic given "
+                "its seed and actions); training goes on, but not exactly as the uninterrupted run would",
+                file=sys.stderr,
+            )
+        state = {k: v.to(self.device) for k, v in saved["core_state"].items()}
+        self._carry = (obs, state, saved["episode_starts"].to(self.device))
+        self._episode_stats.ret = saved["episode_return"].numpy().copy()
+        self._episode_stats.length = saved["episode_length"].numpy().copy()
+
     def close(self) -> None:
-        """Close the environments (their worker processes, if any)."""
+        """Close the environments (their worker processes, if any); a later ``learn`` replays their episodes."""
         if self.envs is not None:
+            self._saved_rollout, self._carry = self._rollout_snapshot(), None
             self.envs.close()
             self.envs = None
 
@@ -378,13 +479,12 @@ class PPO:
         if aux is not None:
             loss = loss + aux
         if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss became {loss.item()} in update {self.updates + 1}; stopping (the last "
-                "checkpoint is the last good state)"
-            )
+            self._numerical_fault(f"the loss became {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self._numerical_fault(f"the gradient norm became {grad_norm.item()}")
         self.optimizer.step()
         with torch.no_grad():
             approx_kl = ((ratio - 1) - log_ratio).mean().item()
@@ -398,6 +498,13 @@ class PPO:
             "train/grad_norm": grad_norm.item(),
             **({"train/aux_loss": aux.item()} if aux is not None else {}),
         }
+
+    def _numerical_fault(self, what: str) -> None:
+        where = f" ({self.run_dir / 'checkpoints' / 'latest.pt'})" if self.run_dir is not None else ""
+        raise TrainingError(
+            f"{what} in update {self.updates + 1} (frames {self.frames}); training stopped before the bad step, "
+            f"and the last checkpoint{where} is the last good state"
+        )
 
     # ------------------------------------------------------------------ evaluation
     def make_eval_env(self, **kwargs: Any) -> gym.Env:
@@ -446,6 +553,7 @@ class PPO:
                 "policy": self.policy.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "progress": {"frames": self.frames, "updates": self.updates, "best_success": self.best_success},
+                "rollout": self._rollout_snapshot(),
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -483,7 +591,14 @@ class PPO:
         if data["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(data["rng"]["cuda"])
         model._generator.set_state(data["rng"]["generator"])
+        model._saved_rollout = data.get("rollout")
         return model
+
+
+def _same_observations(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(_same_observations(a[k], b[k]) for k in a)
+    return bool(np.array_equal(np.asarray(a), torch.as_tensor(b).numpy()))
 
 
 class _EpisodeStats:

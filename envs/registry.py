@@ -34,6 +34,7 @@ from gymnasium.envs.registration import load_env_creator
 from gymnasium.utils.env_checker import check_env
 
 from envs.minigrid import is_minigrid, wrap_minigrid
+from envs.seeding import SeededEpisodes
 from envs.text import MISSION_LENGTH, TokenizeText, has_text
 from tlb_rl.errors import UserError
 
@@ -254,23 +255,6 @@ def _check_plugin_api(name: str, factory: EnvFactory, options: dict[str, Any]) -
     _CHECKED.add(key)
 
 
-class SeedOnFirstReset(gym.Wrapper):
-    """Seeds the first reset (unless the caller passes a seed) and the action space, so runs repeat.
-
-    :param env: the env to seed.
-    :param seed: the seed of the first reset.
-    """
-
-    def __init__(self, env: gym.Env, seed: int):
-        super().__init__(env)
-        self._seed: int | None = seed
-        env.action_space.seed(seed)
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
-        seed, self._seed = (self._seed if seed is None else seed), None
-        return self.env.reset(seed=seed, options=options)
-
-
 def build_env(spec: str | EnvFactory, seed: int | None, options: dict[str, Any], check_api: bool) -> gym.Env:
     """:func:`make_env`; ``check_api=False`` skips the plug-in checker (vector workers, already checked)."""
     name, target = resolve(spec)
@@ -299,4 +283,4 @@ def build_env(spec: str | EnvFactory, seed: int | None, options: dict[str, Any],
         env = TokenizeText(env, mission_length)
     elif "mission_length" in ours and not is_minigrid(env):
         raise UserError(f"env '{name}': mission_length applies to envs with text observations only")
-    return SeedOnFirstReset(env, seed) if seed is not None else env
+    return SeededEpisodes(env, seed) if seed is not None else env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from typing import Any
 
@@ -84,7 +85,15 @@ def make_vec_env(
     if vectorization == "auto":
         vectorization = choose_vectorization(probe, n_envs)
     probe.close()
-    fns = [functools.partial(build_env, spec, seed + i, kwargs, False) for i in range(n_envs)]
     if vectorization == "sync":
+        fns = [functools.partial(build_env, spec, seed + i, kwargs, False) for i in range(n_envs)]
         return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    fns = [functools.partial(_build_in_worker, spec, seed + i, kwargs) for i in range(n_envs)]
     return AsyncVectorEnv(fns, shared_memory=True, context="forkserver", autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def _build_in_worker(spec: str | EnvFactory, seed: int, kwargs: dict[str, Any]) -> gym.Env:
+    # Ctrl-C in a terminal reaches the whole process group; the trainer decides when to stop, so a worker
+    # must not die halfway through a rollout.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return build_env(spec, seed, kwargs, False)

@@ -20,6 +20,7 @@ SMALL_CORES = {
     "gru": {"hidden_size": 32},
     "transformer": {"d_model": 32, "window": 6, "n_heads": 2},
     "none": {"hidden_size": 32},
+    "brsm": {"m": 32, "k": 4},
 }
 
 

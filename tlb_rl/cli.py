@@ -42,15 +42,24 @@ def _train(args: argparse.Namespace) -> None:
         model = PPO.from_config(config)
     run_dir = model.run_dir
     assert run_dir is not None
+    try:  # before anything is printed, so a bad directory is the one line the user sees
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", file=sys.stderr)
     try:
         model.learn(progress=not args.no_progress)
     except KeyboardInterrupt:
-        model.save(run_dir / "checkpoints" / "latest.pt")
-        print(
-            f"\ninterrupted at {model.frames} frames; checkpoint saved. Resume with: tlb-rl train --resume {run_dir}",
-            file=sys.stderr,
-        )
+        # learn() saved after the update a first Ctrl-C let finish; a second one leaves the last periodic save.
+        latest = run_dir / "checkpoints" / "latest.pt"
+        if latest.exists():
+            frames = load_checkpoint(latest)["progress"]["frames"]
+            print(
+                f"\ninterrupted; the checkpoint holds {frames} frames. Resume with: tlb-rl train --resume {run_dir}",
+                file=sys.stderr,
+            )
+        else:
+            print("\ninterrupted before the first checkpoint; nothing to resume", file=sys.stderr)
         sys.exit(130)
     finally:
         model.close()
