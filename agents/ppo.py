@@ -209,9 +209,10 @@ class PPO:
         try:
             self.policy.load_state_dict(data["policy"])
         except RuntimeError as e:
+            lines = str(e).strip().splitlines()  # torch's first line is a header; the second names the keys
             raise UserError(
                 f"init_from checkpoint {path} does not fit this policy (core '{self.config.core}', core_kwargs, "
-                f"encoder_kwargs must match the saved ones): {str(e).strip().splitlines()[0]}"
+                f"encoder_kwargs must match the saved ones): {lines[-1 if len(lines) < 2 else 1].strip()[:160]}"
             ) from None
 
     @property
