@@ -37,7 +37,7 @@ from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.errors import TrainingError, UserError
 from tlb_rl.logger import RunLogger
 from tlb_rl.policy import SequencePolicy
-from tlb_rl.spaces import space_from_dict, space_to_dict
+from tlb_rl.spaces import policy_spaces_from_dict, policy_spaces_to_dict
 
 
 @dataclass
@@ -392,10 +392,7 @@ class BC:
             {
                 "algo": "bc",
                 "config": to_dict(self.config),
-                "spaces": {
-                    "observation": space_to_dict(self.observation_space),
-                    "action": space_to_dict(self.action_space),
-                },
+                "spaces": policy_spaces_to_dict(self.observation_space, self.action_space),
                 "policy": self.policy.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "progress": {
@@ -420,9 +417,7 @@ class BC:
             raise UserError(f"checkpoint {path} is incomplete: it has no {', '.join(sorted(missing))}")
         config = from_dict(BCConfig, {**data["config"], **overrides}, "BC")
         model = cls.__new__(cls)
-        model._setup(
-            config, (space_from_dict(data["spaces"]["observation"]), space_from_dict(data["spaces"]["action"]))
-        )
+        model._setup(config, policy_spaces_from_dict(data["spaces"]))
         try:
             model.policy.load_state_dict(data["policy"])
             model.optimizer.load_state_dict(data["optimizer"])

@@ -37,7 +37,7 @@ from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.errors import TrainingError, UserError
 from tlb_rl.logger import RunLogger
 from tlb_rl.policy import SequencePolicy
-from tlb_rl.spaces import clip_to_space, space_from_dict, space_to_dict, stack_observations
+from tlb_rl.spaces import clip_to_space, policy_spaces_from_dict, policy_spaces_to_dict, stack_observations
 
 
 @dataclass
@@ -203,7 +203,7 @@ class PPO:
         missing = {"policy", "spaces"} - set(data)
         if missing:
             raise UserError(f"init_from checkpoint {path} has no {', '.join(sorted(missing))}")
-        saved = (space_from_dict(data["spaces"]["observation"]), space_from_dict(data["spaces"]["action"]))
+        saved = policy_spaces_from_dict(data["spaces"])
         if saved != (self.observation_space, self.action_space):
             raise UserError(f"init_from checkpoint {path} was made for other spaces than env '{self.config.env}'")
         try:
@@ -547,10 +547,7 @@ class PPO:
             {
                 "algo": "ppo",
                 "config": to_dict(self.config),
-                "spaces": {
-                    "observation": space_to_dict(self.observation_space),
-                    "action": space_to_dict(self.action_space),
-                },
+                "spaces": policy_spaces_to_dict(self.observation_space, self.action_space),
                 "policy": self.policy.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "progress": {"frames": self.frames, "updates": self.updates, "best_success": self.best_success},
@@ -575,7 +572,7 @@ class PPO:
             raise UserError(f"checkpoint {path} is incomplete: it has no {', '.join(sorted(missing))}")
         config = from_dict(PPOConfig, {**data["config"], **overrides}, "PPO")
         model = cls.__new__(cls)
-        spaces = (space_from_dict(data["spaces"]["observation"]), space_from_dict(data["spaces"]["action"]))
+        spaces = policy_spaces_from_dict(data["spaces"])
         model._setup(config, env, spaces)
         try:
             model.policy.load_state_dict(data["policy"])

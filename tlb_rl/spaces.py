@@ -48,6 +48,16 @@ def space_from_dict(data: dict[str, Any]) -> gym.Space:
     raise UserError(f"unknown space type '{kind}' in checkpoint")
 
 
+def policy_spaces_to_dict(observation: gym.Space, action: gym.Space) -> dict[str, Any]:
+    """A policy's observation and action spaces as the plain data a checkpoint's ``"spaces"`` holds."""
+    return {"observation": space_to_dict(observation), "action": space_to_dict(action)}
+
+
+def policy_spaces_from_dict(data: dict[str, Any]) -> tuple[gym.Space, gym.Space]:
+    """The (observation, action) spaces from :func:`policy_spaces_to_dict`'s output."""
+    return space_from_dict(data["observation"]), space_from_dict(data["action"])
+
+
 def stack_observations(observations: list[Any]) -> Any:
     """A list of single observations (arrays, or dicts of arrays) as one batch."""
     if isinstance(observations[0], dict):
