@@ -197,7 +197,7 @@ class BC:
         self.observation_space, self.action_space = spaces
         torch.manual_seed(cfg.seed)
         self.policy = SequencePolicy(*spaces, cfg.core, cfg.core_kwargs, cfg.encoder_kwargs).to(self.device)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.learning_rate)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.learning_rate, fused=True)
         self.updates = self.epochs = self.frames = 0
         self.best_score: tuple[float, float] = (-1.0, -math.inf)  # (validation success, -validation loss)
         self.stale_evals = 0
@@ -290,7 +290,7 @@ class BC:
             raise TrainingError(f"loss became {loss.item()} at update {self.updates + 1}; stopping")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm, foreach=True)
         self.optimizer.step()
         stats = {
             "train/loss": loss.item(),

@@ -308,7 +308,10 @@ def test_gradient_reaches_every_parameter(config):
     y, _ = core(torch.randn(B, T, IN, generator=gen), core.initial_state(B), starts)
     aux = core.auxiliary_loss()  # agents add it; bRSM's parameters learn from it (only, when detached)
     (projection_loss(y) + (aux if aux is not None else 0.0)).backward()
-    dead = {n for n, p in core.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0}
+    # An exactly-zero gradient can come back as rounding noise from the fused attention kernels: ~1e-8 of the
+    # largest one (measured with K = 1), where a live parameter's is within a few orders of magnitude of it.
+    grads = {n: p.grad.abs().max().item() if p.grad is not None else 0.0 for n, p in core.named_parameters()}
+    dead = {n for n, g in grads.items() if g <= 1e-6 * max(grads.values())}
     expected = set()
     if CONFIGS[config][0] == "tlb" and core.K == 1:
         # With K = 1 an attention over the chunk has a single key, so its softmax is 1 whatever the query:

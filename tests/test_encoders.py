@@ -182,6 +182,20 @@ def test_multidiscrete_log_prob_is_the_sum_of_its_components() -> None:
     assert dist.entropy().shape == (10,)
 
 
+def test_categorical_matches_torch_distributions() -> None:
+    head = make_action_head(spaces.Discrete(5), 8)
+    torch.nn.init.normal_(head.logits.weight)  # far from uniform, so the checks below can fail
+    features = torch.randn(4, 8)
+    dist, reference = head(features), torch.distributions.Categorical(logits=head.logits(features))
+    assert torch.allclose(dist.entropy(), reference.entropy(), atol=1e-6)
+    torch.manual_seed(0)
+    samples = torch.stack([dist.sample() for _ in range(4000)])  # [4000, 4]
+    frequencies = torch.stack([torch.bincount(samples[:, i], minlength=5) / 4000 for i in range(4)])
+    assert torch.allclose(frequencies, reference.probs, atol=0.03)
+    assert torch.equal(dist.mode(), reference.probs.argmax(1))
+    assert torch.allclose(dist.log_prob(samples[0]), reference.log_prob(samples[0]), atol=1e-6)
+
+
 def test_box_head_is_a_diagonal_gaussian_with_learned_log_std() -> None:
     head = make_action_head(spaces.Box(-2.0, 2.0, (3,), np.float32), 8)
     features = torch.randn(6, 8)

@@ -156,6 +156,27 @@ def test_minigrid_memory_with_view_size_3_runs_through_encoder_and_core(core_nam
     assert obs["image"].shape == (2, 3, 3, 3) and obs["image"].dtype == np.uint8
 
 
+@pytest.mark.parametrize(("env_id", "view_size"), [("MiniGrid-MemoryS7-v0", 3), ("BabyAI-GoToLocal-v0", 5)])
+def test_view_size_gives_the_views_of_minigrids_view_size_wrapper(env_id: str, view_size: int) -> None:
+    from minigrid.wrappers import ViewSizeWrapper
+
+    ours = envs.make_env(env_id, view_size=view_size)
+    theirs = ViewSizeWrapper(gym.make(env_id), agent_view_size=view_size)
+    assert ours.observation_space["image"].shape == (view_size, view_size, 3)
+    rng = np.random.default_rng(0)
+    for episode in range(3):
+        a, _ = ours.reset(seed=episode)
+        b, _ = theirs.reset(seed=episode)
+        for _ in range(60):
+            assert np.array_equal(a["image"], b["image"]) and a["direction"] == b["direction"]
+            action = int(rng.integers(ours.action_space.n))
+            a, ra, ta, tra, _ = ours.step(action)
+            b, rb, tb, trb, _ = theirs.step(action)
+            assert (ra, ta, tra) == (rb, tb, trb)
+            if ta or tra:
+                break
+
+
 @pytest.mark.parametrize("core_name", ["lstm", "tlb"])
 def test_babyai_runs_through_encoder_and_core_with_its_mission(core_name: str) -> None:
     vec = envs.make_vec_env("BabyAI-GoToLocal-v0", 2, vectorization="sync")

@@ -252,7 +252,7 @@ def test_nan_stops_training_naming_the_update_and_keeps_the_last_good_checkpoint
 
 
 # ------------------------------------------------------------------------------------------- bad input
-PLUGIN_BAD_SPACE = '''
+PLUGIN_BAD_SPACE = """
 import gymnasium as gym
 import numpy as np
 
@@ -260,9 +260,9 @@ import numpy as np
 class Graph(gym.Env):
     observation_space = gym.spaces.Graph(gym.spaces.Box(0, 1, (2,)), None)
     action_space = gym.spaces.Discrete(2)
-'''
+"""
 
-PLUGIN_RAISES = '''
+PLUGIN_RAISES = """
 import gymnasium as gym
 import numpy as np
 
@@ -273,7 +273,7 @@ class Broken(gym.Env):
 
     def reset(self, *, seed=None, options=None):
         raise KeyError("level_file")
-'''
+"""
 
 
 @pytest.fixture(scope="module")

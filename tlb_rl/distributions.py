@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from torch import nn
-from torch.distributions import Categorical, Normal
+from torch.distributions import Normal
 
 from tlb_rl.errors import UserError
 
@@ -36,13 +36,17 @@ class ActionDistribution(Protocol):
 class MultiCategoricalDistribution:
     """Independent categoricals; actions [N, K] (K = 1 and squeezed for ``Discrete``).
 
+    Written out rather than built from ``torch.distributions.Categorical``: that class validates and
+    normalises on every construction, which cost ~6x the time of this one per acting step (150 vs 26 us
+    for sample + log-prob of [8, 7] logits, measured on the project's CPU machine).
+
     :param logits: one [N, n_k] tensor per component.
     :param start: the smallest action of each component (gymnasium's ``start``).
     :param squeeze: actions are [N] (``Discrete``) rather than [N, K].
     """
 
     def __init__(self, logits: list[torch.Tensor], start: torch.Tensor, squeeze: bool):
-        self.parts = [Categorical(logits=part) for part in logits]
+        self.log_p = [part.log_softmax(dim=-1) for part in logits]  # normalised: [N, n_k] each
         self.start = start
         self.squeeze = squeeze
 
@@ -51,17 +55,17 @@ class MultiCategoricalDistribution:
         return actions[:, 0] if self.squeeze else actions
 
     def sample(self) -> torch.Tensor:
-        return self._actions([part.sample() for part in self.parts])
+        return self._actions([torch.multinomial(lp.exp(), 1)[:, 0] for lp in self.log_p])
 
     def mode(self) -> torch.Tensor:
-        return self._actions([part.logits.argmax(dim=-1) for part in self.parts])
+        return self._actions([lp.argmax(dim=-1) for lp in self.log_p])
 
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
         indices = actions.long().reshape(actions.shape[0], -1) - self.start  # [N, K]
-        return sum(part.log_prob(indices[:, k]) for k, part in enumerate(self.parts))
+        return sum(lp.gather(1, indices[:, k, None])[:, 0] for k, lp in enumerate(self.log_p))
 
     def entropy(self) -> torch.Tensor:
-        return sum(part.entropy() for part in self.parts)
+        return sum(-(lp.exp() * lp).sum(dim=-1) for lp in self.log_p)
 
 
 class DiagGaussianDistribution:
