@@ -1,22 +1,28 @@
 """Training throughput (env steps/s) of TLB-PPO and LSTM-PPO against SB3's PPO and sb3-contrib's RecurrentPPO.
 
 All agents train on MiniGrid-MemoryS7 with a 3x3 view, 8 envs, n_steps 128, batch_size 256, n_epochs 4,
-in one run on one machine; the summary gives ratios, which mean more than absolute numbers on a noisy box.
+in one run on one machine. The agents take turns: every round times each agent for ``frames / rounds``
+frames, and a ratio is taken within a round, so a machine that slows down for a minute (this project's
+shared 2-core VM drifts by up to ~1.6x) slows every agent of that round, not one agent's whole
+measurement. The summary gives the median over rounds.
 
-    python benchmarks/throughput.py [--frames 8192] [--agents tlb,lstm,recurrentppo,ppo_mlp]
+    python benchmarks/throughput.py [--frames 12288] [--rounds 3] [--agents tlb,lstm,recurrentppo,ppo_mlp]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from collections.abc import Callable
 
 import gymnasium as gym
 import torch
 
 ENV_ID = "MiniGrid-MemoryS7-v0"
 SETTINGS = {"n_envs": 8, "n_steps": 128, "batch_size": 256, "n_epochs": 4}
+PEERS = ("recurrentppo", "ppo_mlp")
 
 
 def _sb3_env() -> gym.Env:
@@ -27,7 +33,8 @@ def _sb3_env() -> gym.Env:
     return gym.wrappers.FlattenObservation(ImgObsWrapper(gym.make(ENV_ID, agent_view_size=3)))
 
 
-def _time_sb3(algo: str, frames: int) -> float:
+def _sb3_trainer(algo: str) -> Callable[[int], None]:
+    """A warmed-up SB3 model; the returned function trains it for that many more frames."""
     from sb3_contrib import RecurrentPPO
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
@@ -39,31 +46,27 @@ def _time_sb3(algo: str, frames: int) -> float:
         if algo == "recurrentppo"
         else PPO("MlpPolicy", env, device="cpu", **kwargs)
     )
-    warmup = SETTINGS["n_envs"] * SETTINGS["n_steps"]
-    model.learn(warmup)
-    t0 = time.perf_counter()
-    model.learn(frames, reset_num_timesteps=False)
-    return frames / (time.perf_counter() - t0)
+    model.learn(SETTINGS["n_envs"] * SETTINGS["n_steps"])
+    return lambda frames: model.learn(frames, reset_num_timesteps=False)
 
 
-def _time_ours(core: str, frames: int, seq_len: int | None) -> float:
+def _our_trainer(core: str, seq_len: int | None) -> Callable[[int], None]:
+    """A warmed-up PPO of ours; the returned function trains it for that many more frames."""
     from agents import PPO
 
     model = PPO(ENV_ID, core=core, env_kwargs={"view_size": 3}, device="cpu", seq_len=seq_len, eval_every=0, **SETTINGS)
-    warmup = SETTINGS["n_envs"] * SETTINGS["n_steps"]
-    model.learn(warmup, progress=False)
-    t0 = time.perf_counter()
-    model.learn(warmup + frames, progress=False)
-    return frames / (time.perf_counter() - t0)
+    model.learn(SETTINGS["n_envs"] * SETTINGS["n_steps"], progress=False)
+    return lambda frames: model.learn(model.frames + frames, progress=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=8192, help="timed frames per agent (default 8192)")
+    parser.add_argument("--frames", type=int, default=12288, help="timed frames per agent, all rounds (default 12288)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each agent takes (default 3)")
     parser.add_argument(
         "--agents",
         default="tlb,lstm,recurrentppo,ppo_mlp",
-        help="comma-separated: tlb, lstm, gru, transformer, none, recurrentppo, ppo_mlp",
+        help="comma-separated: tlb, lstm, gru, transformer, brsm, none, recurrentppo, ppo_mlp",
     )
     parser.add_argument(
         "--seq-len",
@@ -76,32 +79,41 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    per_update = SETTINGS["n_envs"] * SETTINGS["n_steps"]
+    frames = max(per_update, args.frames // args.rounds // per_update * per_update)  # whole updates per turn
 
-    fps = {}
-    for agent in args.agents.split(","):
-        if agent in ("recurrentppo", "ppo_mlp"):
-            fps[agent] = _time_sb3(agent, args.frames)
-        else:
-            fps[f"{agent}_ppo"] = _time_ours(agent, args.frames, args.seq_len)
-        print(f"{agent}: {list(fps.values())[-1]:.0f} steps/s", flush=True)
-    ratios = {}
-    for ours in [k for k in fps if k.endswith("_ppo")]:
-        for peer in ("recurrentppo", "ppo_mlp"):
-            if peer in fps:
-                ratios[f"{ours}/{peer}"] = fps[ours] / fps[peer]
+    names = [a if a in PEERS else f"{a}_ppo" for a in args.agents.split(",")]
+    trainers = {
+        name: _sb3_trainer(agent) if agent in PEERS else _our_trainer(agent, args.seq_len)
+        for name, agent in zip(names, args.agents.split(","), strict=True)
+    }
+    rounds: list[dict[str, float]] = []
+    for r in range(args.rounds):
+        fps = {}
+        for name, train in trainers.items():
+            t0 = time.perf_counter()
+            train(frames)
+            fps[name] = frames / (time.perf_counter() - t0)
+        rounds.append(fps)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in fps.items()), flush=True)
+
+    pairs = [(ours, peer) for ours in names if ours.endswith("_ppo") for peer in PEERS if peer in names]
+    steps_per_s = {name: statistics.median(fps[name] for fps in rounds) for name in names}
+    ratios = {f"{a}/{b}": statistics.median(fps[a] / fps[b] for fps in rounds) for a, b in pairs}
     result = {
         "env": ENV_ID,
         "view_size": 3,
         **SETTINGS,
         "seq_len": args.seq_len or SETTINGS["n_steps"],
-        "timed_frames": args.frames,
+        "frames_per_turn": frames,
+        "rounds": rounds,
         "torch_threads": torch.get_num_threads(),
-        "steps_per_s": fps,
+        "steps_per_s": steps_per_s,
         "ratios": ratios,
     }
     print(json.dumps(result, indent=2))
-    print("\nsummary:")
-    for name, value in fps.items():
+    print("\nsummary (medians over rounds):")
+    for name, value in steps_per_s.items():
         print(f"  {name:>16}: {value:8.0f} steps/s")
     for name, value in ratios.items():
         print(f"  {name:>30}: {value:.2f}x")
