@@ -184,7 +184,10 @@ class TLBCore(Core):
         return self.ln_out(h), new_state
 
     def _step(self, x: torch.Tensor, state: State, start: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """One step ([B, 1, input_dim]) without the chunk layout: the acting path, ~2x fewer ops than forward.
+        """One step ([B, 1, input_dim]) without the chunk layout: the acting path.
+
+        1.4x faster than the general path at T = 1 (batch 8, default sizes: 3.35 -> 2.39 ms with the machine
+        loaded; 736 -> 529 aten ops per step).
 
         Same result as :meth:`forward` with T = 1 (tests/test_cores.py runs both): the step's keys/values
         join the cached ones of its chunk, and the slow vectors read the chunk when it completes.
@@ -201,27 +204,23 @@ class TLBCore(Core):
         slow = torch.where(start[:, None, None], self.slow_init.expand_as(state["slow"]), state["slow"])
         cache = state["kv"]
         h = self.proj(x[:, 0]) + self.pos[q]  # [B, D]
-        new_kv, cached, new_slow, update_kv = [], 0, slow, None
+        new_kv, new_slow, update_kv = [], slow, None
         for layer in self.layers:
             if layer.ln_kv is None:
                 a = layer.ln_q(h)
                 kv = layer.attn.kv(a)  # [B, 2D]
-                keys = torch.cat([cache[:, cached], kv[:, None]], 1)  # [B, K, 2D]
-                key, value = _heads(keys, 2 * self.H).split(self.H, dim=1)  # [B, H, K, D/H]
+                key, value = self._chunk_keys(cache[:, len(new_kv)], kv)
                 query = _heads(layer.attn.q(a)[:, None], self.H)  # [B, H, 1, D/H]
                 y = F.scaled_dot_product_attention(query, key, value, attn_mask=visible)
-                new_kv.append(torch.where(write, kv[:, None], cache[:, cached]) * keep)
-                cached += 1
+                new_kv.append(torch.where(write, kv[:, None], cache[:, len(new_kv)]) * keep)
             else:
                 if update_kv is None:  # the first cross-attention: the slow stream reads the tokens here
-                    upd = self.update
-                    kv = upd.attn.kv(upd.ln_kv(h))
+                    kv = self.update.attn.kv(self.update.ln_kv(h))
                     update_kv = torch.where(write, kv[:, None], cache[:, -1]) * keep
-                    complete = q == K - 1
+                    complete = q == K - 1  # [B] the step completes its chunk: the slow vectors read it
                     if complete.any():
-                        keys = torch.cat([cache[:, -1], kv[:, None]], 1)
-                        key, value = _heads(keys, 2 * self.H).split(self.H, dim=1)
-                        new_slow = torch.where(complete[:, None, None], self._slow_update(slow, key, value), slow)
+                        new = self._slow_update(slow, *self._chunk_keys(cache[:, -1], kv))
+                        new_slow = torch.where(complete[:, None, None], new, slow)
                 query = _heads(layer.attn.q(layer.ln_q(h))[:, None], self.H)  # [B, H, 1, D/H]
                 key, value = _heads(layer.attn.kv(layer.ln_kv(slow)), 2 * self.H).split(self.H, dim=1)
                 y = F.scaled_dot_product_attention(query, key, value)
@@ -229,6 +228,10 @@ class TLBCore(Core):
             h = h + layer.mlp(layer.ln_mlp(h))
         kv_state = torch.stack([*new_kv, update_kv], 1)
         return self.ln_out(h)[:, None], {"slow": new_slow, "kv": kv_state, "chunk_len": new_len}
+
+    def _chunk_keys(self, cache: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, K, D/H] of a chunk's cached steps [B, K-1, 2D] and the current one [B, 2D]."""
+        return _heads(torch.cat([cache, kv[:, None]], 1), 2 * self.H).split(self.H, dim=1)
 
     def _self_attention(
         self, blk: Block, h: torch.Tensor, layout: _Layout, cache: torch.Tensor
