@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +31,7 @@ from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE, evaluate
 from agents.ppo import resolve_device
 from envs import make_env
 from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
-from tlb_rl.config import from_dict, to_dict
+from tlb_rl.config import AgentConfig, from_dict, to_dict
 from tlb_rl.cores import State
 from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.errors import TrainingError, UserError
@@ -41,19 +41,15 @@ from tlb_rl.spaces import policy_spaces_from_dict, policy_spaces_to_dict
 
 
 @dataclass
-class BCConfig:
-    """Everything a BC run depends on; a YAML config under configs/bc/ holds a subset of these keys."""
+class BCConfig(AgentConfig):
+    """Everything a BC run depends on; a YAML config under configs/bc/ holds a subset of these keys.
+
+    The keys every agent has (env, env_kwargs, core, core_kwargs, encoder_kwargs, seed, device,
+    torch_threads, run_dir) are documented in :class:`tlb_rl.config.AgentConfig`.
+    """
 
     env: str = "BabyAI-GoToRedBallGrey-v0"
     """Environment the demonstrations come from and the policy is evaluated on."""
-    env_kwargs: dict = field(default_factory=dict)
-    """Options of the environment (must match the dataset's)."""
-    core: str = "tlb"
-    """Memory core: tlb, lstm, gru, transformer, none."""
-    core_kwargs: dict = field(default_factory=dict)
-    """Hyperparameters of the core (see ``tlb_rl.cores``)."""
-    encoder_kwargs: dict = field(default_factory=dict)
-    """Options of the observation encoder."""
     dataset: str = ""
     """Directory written by ``tlb-rl demos``."""
     n_demos: int | None = None
@@ -80,36 +76,13 @@ class BCConfig:
     """Episodes of the final evaluation of ``best.pt`` (env seeds from 1,000,000)."""
     deterministic: bool = True
     """Evaluate with the most likely action (the bot's choice), not a sampled one."""
-    seed: int = 0
-    """Seeds torch and the order of episodes."""
-    device: str = "auto"
-    """``auto`` picks CUDA when there is one."""
-    torch_threads: int | None = None
-    """``torch.set_num_threads`` (None: torch's default)."""
-    run_dir: str | None = None
-    """Directory for logs, checkpoints, plots (None: keep nothing on disk)."""
 
     def __post_init__(self) -> None:
-        at_least = {
-            "n_demos": 1,
-            "seq_len": 1,
-            "batch_size": 1,
-            "max_updates": 1,
-            "eval_every": 1,
-            "eval_episodes": 1,
-            "patience": 0,
-            "test_episodes": 1,
-            "torch_threads": 1,
-        }
-        for key, low in at_least.items():
-            value = getattr(self, key)
-            if value is not None and value < low:
-                raise UserError(f"BC key '{key}' must be at least {low}, got {value}")
+        at_least = {"n_demos": 1, "seq_len": 1, "batch_size": 1, "max_updates": 1, "eval_every": 1}
+        at_least |= {"eval_episodes": 1, "patience": 0, "test_episodes": 1}
+        self.check_ranges("BC", at_least, positive=("learning_rate", "max_grad_norm"))
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"BC key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
-        for key in ("learning_rate", "max_grad_norm"):
-            if getattr(self, key) <= 0:
-                raise UserError(f"BC key '{key}' must be positive, got {getattr(self, key)}")
 
 
 class Segment(NamedTuple):

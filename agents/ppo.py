@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from agents.buffer import RolloutBatch, RolloutBuffer, explained_variance
 from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE, episode_success, evaluate
 from envs import make_env, make_vec_env
 from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
-from tlb_rl.config import from_dict, to_dict
+from tlb_rl.config import AgentConfig, from_dict, to_dict
 from tlb_rl.cores import State
 from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.errors import TrainingError, UserError
@@ -41,19 +41,13 @@ from tlb_rl.spaces import clip_to_space, policy_spaces_from_dict, policy_spaces_
 
 
 @dataclass
-class PPOConfig:
-    """Everything a PPO run depends on; a YAML config under configs/ppo/ holds a subset of these keys."""
+class PPOConfig(AgentConfig):
+    """Everything a PPO run depends on; a YAML config under configs/ppo/ holds a subset of these keys.
 
-    env: str = "MiniGrid-MemoryS7-v0"
-    """Environment: a Gymnasium id, ``module:Factory``, ``file.py:Factory`` or a plug-in name."""
-    env_kwargs: dict = field(default_factory=dict)
-    """Options of the environment (e.g. ``view_size: 3`` for MiniGrid)."""
-    core: str = "tlb"
-    """Memory core: tlb, lstm, gru, transformer, none."""
-    core_kwargs: dict = field(default_factory=dict)
-    """Hyperparameters of the core (see ``tlb_rl.cores``)."""
-    encoder_kwargs: dict = field(default_factory=dict)
-    """Options of the observation encoder."""
+    The keys every agent has (env, env_kwargs, core, core_kwargs, encoder_kwargs, seed, device,
+    torch_threads, run_dir) are documented in :class:`tlb_rl.config.AgentConfig`.
+    """
+
     total_frames: int = 1_000_000
     """Environment steps to train for, summed over envs."""
     n_envs: int = 8
@@ -86,45 +80,21 @@ class PPOConfig:
     """Normalise advantages per minibatch."""
     target_kl: float | None = None
     """Stop an update's epochs early once the approximate KL exceeds this."""
-    seed: int = 0
-    """Seeds torch, the minibatch order, and the envs (env i gets seed + i)."""
-    device: str = "auto"
-    """``auto`` picks CUDA when there is one."""
     vectorization: str = "auto"
     """``sync`` (one process), ``async`` (a process per env) or ``auto``."""
-    torch_threads: int | None = None
-    """``torch.set_num_threads`` (None: torch's default)."""
     eval_every: int = 100_000
     """Frames between evaluations on held-out validation seeds, which pick ``best.pt`` (0: none)."""
     eval_episodes: int = 100
     """Episodes per evaluation."""
     checkpoint_every: int = 20
     """Updates between checkpoints of the latest state."""
-    run_dir: str | None = None
-    """Directory for logs, checkpoints, plots (None: keep nothing on disk)."""
     init_from: str | None = None
     """A PPO or BC checkpoint whose policy weights training starts from (same core, spaces and encoder)."""
 
     def __post_init__(self) -> None:
-        at_least = {
-            "total_frames": 1,
-            "n_envs": 1,
-            "n_steps": 1,
-            "batch_size": 1,
-            "n_epochs": 1,
-            "checkpoint_every": 1,
-            "eval_every": 0,
-            "eval_episodes": 1,
-            "seq_len": 1,
-            "torch_threads": 1,
-        }
-        for key, low in at_least.items():
-            value = getattr(self, key)
-            if value is not None and value < low:
-                raise UserError(f"PPO key '{key}' must be at least {low}, got {value}")
-        for key in ("learning_rate", "clip_range", "max_grad_norm"):
-            if getattr(self, key) <= 0:
-                raise UserError(f"PPO key '{key}' must be positive, got {getattr(self, key)}")
+        at_least = {"total_frames": 1, "n_envs": 1, "n_steps": 1, "batch_size": 1, "n_epochs": 1}
+        at_least |= {"checkpoint_every": 1, "eval_every": 0, "eval_episodes": 1, "seq_len": 1}
+        self.check_ranges("PPO", at_least, positive=("learning_rate", "clip_range", "max_grad_norm"))
         if self.vectorization not in ("auto", "sync", "async"):
             raise UserError(f"vectorization must be auto, sync or async, got '{self.vectorization}'")
 
