@@ -275,3 +275,60 @@ def test_tiny_study_on_a_local_ray_instance(tmp_path, capsys):
     args = ["compare", "--config", str(config), "--backend", "ray", "--workers", "2", "--out", str(study_dir)]
     assert run_compare(args, capsys) == 0
     check_tiny_report(study_dir)
+
+
+# ---------------------------------------------------------------------- BC rows
+BC_ENV = "BabyAI-GoToRedBallGrey-v0"
+
+
+def tiny_bc_study(dataset: Path) -> dict:
+    """A PPO-free study: TLB and LSTM behaviour cloning on 20 bot episodes, 3 gradient steps of 4 x 8 steps."""
+    return {
+        "name": "tiny-bc",
+        "seeds": [0],
+        "threshold": 0.5,
+        "bc": {"seq_len": 8, "batch_size": 4, "val_fraction": 0.0, "patience": 0, "eval_episodes": 4,
+               "test_episodes": 4, "torch_threads": 1},
+        "agents": [{"name": "bc", "algo": "bc"}],
+        "cores": {"tlb": {"d_model": 16, "n_heads": 2, "chunk_size": 4}, "lstm": {"hidden_size": 16}},
+        "envs": [{"name": "redball", "env": BC_ENV, "total_frames": 96, "eval_every": 32,
+                  "bc": {"dataset": str(dataset)}}],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bc_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from agents.demos import generate_demos
+
+    out = tmp_path_factory.mktemp("study-bc") / "demos"
+    generate_demos(BC_ENV, 20, out, seed=0, progress=False)
+    return out
+
+
+def test_bc_rows_take_their_budget_in_gradient_steps_and_need_a_dataset(tmp_path, bc_demos):
+    from tlb_rl.study.config import expand
+
+    runs = expand(load_study(write_config(tmp_path, tiny_bc_study(bc_demos))))
+    assert [(r.row, r.algo) for r in runs] == [("tlb-bc", "bc"), ("lstm-bc", "bc")]
+    assert (runs[0].config["max_updates"], runs[0].config["eval_every"]) == (3, 1)  # 96 and 32 steps of 32
+    with pytest.raises(UserError, match="multiples of batch_size \\* seq_len \\(32\\)"):
+        data = tiny_bc_study(bc_demos)
+        data["envs"][0]["eval_every"] = 40
+        load_study(write_config(tmp_path, data))
+    with pytest.raises(UserError, match="is not a directory; make one with `tlb-rl demos`"):
+        load_study(write_config(tmp_path, tiny_bc_study(tmp_path / "nowhere")))
+
+
+def test_tiny_bc_study_end_to_end(tmp_path, bc_demos, capsys):
+    config = write_config(tmp_path, tiny_bc_study(bc_demos))
+    study_dir = tmp_path / "study"
+    assert run_compare(["compare", "--config", str(config), "--workers", "2", "--out", str(study_dir)], capsys) == 0
+    report = json.loads((study_dir / "report.json").read_text())
+    rows = report["envs"]["redball"]["rows"]
+    assert list(rows) == ["tlb-bc", "lstm-bc"] and report["bc_rows"] == ["tlb-bc", "lstm-bc"]
+    for row in rows.values():
+        assert row["runs"] == 1 and not row["missing"] and len(row["curve"]["iqm"]) == 3
+        assert row["steps_per_s_mean"] > 0
+    metrics = [json.loads(line) for line in next(study_dir.glob("runs/redball/tlb-bc/s0/metrics.jsonl")).open()]
+    assert [m["frames"] <= 32 * (i + 1) for i, m in enumerate(metrics)] == [True] * 3  # on or before the grid
+    assert "BC rows (tlb-bc, lstm-bc)" in (study_dir / "report.md").read_text()

@@ -4,7 +4,8 @@
     seeds: [0, 1, 2]
     threshold: 0.9                   # success rate for "frames to threshold"
     ppo: {n_envs: 8, vectorization: sync, torch_threads: 1}   # PPOConfig keys every PPO run shares
-    agents: [{name: ppo}]            # each: name, algo (ppo), optional config (a YAML file), overrides
+    bc: {torch_threads: 1}           # BCConfig keys every BC run shares
+    agents: [{name: ppo}]            # each: name, algo (ppo or bc), optional config (a YAML file), overrides
     cores: [tlb, lstm, none]         # or a mapping core -> core_kwargs
     baselines: {recurrentppo: {n_steps: 128}}   # optional external rows, with their hyperparameters
     envs:
@@ -14,10 +15,13 @@
         total_frames: 60000
         eval_every: 5280
         ppo: {n_steps: 132, batch_size: 264}   # per-env PPO keys (e.g. a rollout that holds whole episodes)
+        bc: {dataset: demos/tmaze-L10}          # per-env BC keys: where `tlb-rl demos` wrote the demonstrations
 
 A PPO run's config is, later entries winning: the agent's ``config`` file, the study's ``ppo``, the env's
 ``ppo``, the agent's ``overrides``, then what the grid fixes (env, env_kwargs, core, seed, total_frames,
-eval_every, run_dir). Every run is validated as a PPOConfig before anything starts.
+eval_every, run_dir). A BC run's is built the same way from the ``bc`` entries; for BC, ``total_frames`` and
+``eval_every`` count demonstration steps trained on, and become ``max_updates`` and ``eval_every`` in
+gradient steps of ``batch_size * seq_len`` steps. Every run is validated before anything starts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Any
 from tlb_rl.config import from_dict, load_yaml
 from tlb_rl.errors import UserError
 
+AGENT_ALGOS = ("ppo", "bc")
+"""Trainers of the grid's rows."""
 BASELINES = ("recurrentppo",)
 """External baselines a study can add as rows (sb3-contrib's RecurrentPPO)."""
 
@@ -52,6 +58,8 @@ class EnvEntry:
     """Options of the env."""
     ppo: dict = field(default_factory=dict)
     """PPOConfig keys for the PPO runs on this env."""
+    bc: dict = field(default_factory=dict)
+    """BCConfig keys for the BC runs on this env (``dataset`` at least)."""
 
 
 @dataclass
@@ -61,7 +69,7 @@ class AgentEntry:
     name: str = "ppo"
     """Label in the report (rows read ``<core>-<name>``)."""
     algo: str = "ppo"
-    """The trainer (ppo)."""
+    """The trainer: ppo or bc."""
     config: str | None = None
     """A YAML config to start from (e.g. configs/ppo/tmaze.yaml)."""
     overrides: dict = field(default_factory=dict)
@@ -86,6 +94,8 @@ class StudyConfig:
     """Memory cores, each with its core_kwargs."""
     ppo: dict = field(default_factory=dict)
     """PPOConfig keys every PPO run shares."""
+    bc: dict = field(default_factory=dict)
+    """BCConfig keys every BC run shares."""
     baselines: dict[str, dict] = field(default_factory=dict)
     """External baselines (``recurrentppo``) and their hyperparameters."""
 
@@ -101,9 +111,9 @@ class RunSpec:
     """Report row, e.g. ``tlb-ppo`` or ``sb3-recurrentppo``."""
     seed: int
     algo: str
-    """``ppo`` or a baseline's name."""
+    """``ppo``, ``bc`` or a baseline's name."""
     config: dict[str, Any]
-    """The keys the study sets (for PPO, PPOConfig keys; run_dir is set by the runner). The run directory's
+    """The keys the study sets (PPOConfig or BCConfig keys; run_dir is set by the runner). The run directory's
     config.json holds the full config, defaults included."""
 
     def fingerprint(self) -> str:
@@ -119,7 +129,7 @@ def _entries(cls: type, items: Any, where: str) -> list:
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study config (every run's PPOConfig is checked too)."""
+    """Read and validate a study config (every run's PPOConfig or BCConfig is checked too)."""
     data = load_yaml(path)
     if "envs" not in data:
         raise UserError(f"study config {path} has no 'envs' list")
@@ -151,8 +161,8 @@ def _check(study: StudyConfig) -> None:
         if env.total_frames < 1 or not 0 < env.eval_every <= env.total_frames:
             raise UserError(f"env '{env.name}': need total_frames >= 1 and 0 < eval_every <= total_frames")
     for agent in study.agents:
-        if agent.algo != "ppo":
-            raise UserError(f"agent '{agent.name}': algo '{agent.algo}' is not supported by compare (use ppo)")
+        if agent.algo not in AGENT_ALGOS:
+            raise UserError(f"agent '{agent.name}': algo '{agent.algo}' is not supported by compare (use ppo or bc)")
     unknown = set(study.baselines) - set(BASELINES)
     if unknown:
         raise UserError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(BASELINES)}")
@@ -198,6 +208,28 @@ def ppo_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, 
     return merged
 
 
+def bc_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, seed: int) -> dict[str, Any]:
+    """The BCConfig keys the study sets for one grid cell; the env's budget becomes gradient steps."""
+    from agents.bc import BCConfig
+
+    where = f"BC config of {agent.name}/{core} on {env.name}"
+    base = load_yaml(agent.config) if agent.config else {}
+    merged = _merge(base, study.bc, env.bc, agent.overrides)
+    merged.update(env=env.env, env_kwargs=env.env_kwargs, core=core, core_kwargs=study.cores[core], seed=seed)
+    merged.pop("run_dir", None)
+    config = from_dict(BCConfig, merged, where)
+    steps = config.batch_size * config.seq_len  # demonstration steps of a full gradient step
+    if env.total_frames % steps or env.eval_every % steps:
+        raise UserError(
+            f"{where}: total_frames ({env.total_frames}) and eval_every ({env.eval_every}) must be multiples "
+            f"of batch_size * seq_len ({steps}): BC counts them in gradient steps"
+        )
+    if not config.dataset or not Path(config.dataset).is_dir():
+        raise UserError(f"{where}: dataset '{config.dataset}' is not a directory; make one with `tlb-rl demos`")
+    merged.update(max_updates=env.total_frames // steps, eval_every=env.eval_every // steps)
+    return merged
+
+
 def baseline_config(study: StudyConfig, name: str, env: EnvEntry, seed: int) -> dict[str, Any]:
     """The keys of a baseline run (hyperparameters from the study, budget and env from the grid), validated."""
     from tlb_rl.study.sb3_baseline import RecurrentPPOConfig
@@ -230,10 +262,11 @@ def expand(study: StudyConfig) -> list[RunSpec]:
     for seed in study.seeds:
         for env in study.envs:
             for agent in study.agents:
+                make_config = bc_config if agent.algo == "bc" else ppo_config
                 for core in study.cores:
                     row = f"{core}-{agent.name}"
-                    config = ppo_config(study, agent, core, env, seed)
-                    runs.append(RunSpec(f"{env.name}/{row}/s{seed}", env.name, row, seed, "ppo", config))
+                    config = make_config(study, agent, core, env, seed)
+                    runs.append(RunSpec(f"{env.name}/{row}/s{seed}", env.name, row, seed, agent.algo, config))
             for name in study.baselines:
                 config = baseline_config(study, name, env, seed)
                 runs.append(RunSpec(f"{env.name}/sb3-{name}/s{seed}", env.name, f"sb3-{name}", seed, name, config))

@@ -66,7 +66,9 @@ def load_run(study_dir: Path, spec: RunSpec, grid: np.ndarray) -> RunData | None
     if not evals:
         raise UserError(f"run {run_dir} has no validation evaluations in metrics.jsonl")
     frames, success = map(np.array, zip(*evals, strict=True))
-    fps = [r["time/fps"] for r in rows.values() if "time/fps" in r]
+    # PPO logs env steps/s, BC demonstration steps/s.
+    fps = [r.get("time/fps", r.get("time/steps_per_s")) for r in rows.values()]
+    fps = [f for f in fps if f is not None]
     final = json.loads(final_path.read_text())
     return RunData(
         spec=spec,
@@ -195,6 +197,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
         "envs": envs,
         "all_envs": aggregate(cells),
         "missing_runs": [m for by_row in cells.values() for c in by_row.values() for m in c.missing],
+        "bc_rows": [f"{core}-{a.name}" for a in study.agents if a.algo == "bc" for core in study.cores],
     }
 
 
@@ -221,6 +224,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "training throughput (median over updates, evaluations excluded).",
         "",
     ]
+    if report.get("bc_rows"):
+        lines += [
+            f"BC rows ({', '.join(report['bc_rows'])}): frames and steps/s count demonstration steps trained on "
+            "(teacher forcing on the bot's episodes), not environment steps.",
+            "",
+        ]
     for name, env in report["envs"].items():
         kwargs = ", ".join(f"{k}={v}" for k, v in env["env_kwargs"].items())
         lines += [

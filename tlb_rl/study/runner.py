@@ -9,10 +9,11 @@ Study directory layout::
     <study>/errors.log            one block per failed attempt
     <study>/report.md, report.json, curves.png
 
-Each run is a subprocess (``tlb-rl train`` or the RecurrentPPO baseline), so a crash, even a segfault or an
-out-of-memory kill, ends that run only. A failed attempt is recorded and retried once (from the run's latest
-checkpoint when there is one); a run that fails twice is reported as failed, and the next ``compare`` tries
-it again. A run with ``final_eval.json`` and a matching config fingerprint is finished and skipped.
+Each run is a subprocess (``tlb-rl train``, ``tlb-rl bc`` or the RecurrentPPO baseline), so a crash, even a
+segfault or an out-of-memory kill, ends that run only. A failed attempt is recorded and retried once (a PPO
+run from its latest checkpoint when there is one; a BC run from the start); a run that fails twice is
+reported as failed, and the next ``compare`` tries it again. A run with ``final_eval.json`` and a matching
+config fingerprint is finished and skipped.
 
 Backends: ``local`` runs ``workers`` subprocesses at a time from a thread pool (the threads only wait);
 ``ray`` sends each run as a 1-CPU Ray task, so a cluster (``--address auto``) spreads them over its nodes;
@@ -37,7 +38,7 @@ from typing import Any
 import yaml
 
 from tlb_rl.errors import UserError
-from tlb_rl.study.config import RunSpec, StudyConfig, expand
+from tlb_rl.study.config import AGENT_ALGOS, RunSpec, StudyConfig, expand
 
 MAX_ATTEMPTS = 2
 """A run is tried once and retried once before it is reported as failed."""
@@ -81,10 +82,10 @@ def is_finished(study_dir: Path, spec: RunSpec) -> bool:
 
 
 def _command(spec: RunSpec, run_dir: Path, config_file: Path, resume: bool) -> list[str]:
-    if spec.algo == "ppo":
-        if resume:
-            return [sys.executable, "-m", "tlb_rl.cli", "train", "--no-progress", "--no-gif", "--resume", str(run_dir)]
-        return [sys.executable, "-m", "tlb_rl.cli", "train", "--no-progress", "--no-gif", "--config", str(config_file)]
+    if spec.algo in AGENT_ALGOS:  # BC has no --resume: a retried BC run starts again
+        how = ["--resume", str(run_dir)] if resume else ["--config", str(config_file)]
+        command = "train" if spec.algo == "ppo" else "bc"
+        return [sys.executable, "-m", "tlb_rl.cli", command, "--no-progress", "--no-gif", *how]
     return [sys.executable, "-m", "tlb_rl.study.sb3_baseline", str(config_file), str(run_dir)]
 
 
@@ -98,9 +99,10 @@ def run_one(study_dir: str, spec_dict: dict[str, Any]) -> dict[str, Any]:
     run_dir = run_dir_of(study, spec)
     log_stem = study / "logs" / spec.run_id
     log_stem.parent.mkdir(parents=True, exist_ok=True)
-    config_file = log_stem.with_suffix(".config.yaml" if spec.algo == "ppo" else ".config.json")
-    config = {**spec.config, "run_dir": str(run_dir)} if spec.algo == "ppo" else spec.config
-    config_file.write_text(yaml.safe_dump(config) if spec.algo == "ppo" else json.dumps(config))
+    ours = spec.algo in AGENT_ALGOS
+    config_file = log_stem.with_suffix(".config.yaml" if ours else ".config.json")
+    config = {**spec.config, "run_dir": str(run_dir)} if ours else spec.config
+    config_file.write_text(yaml.safe_dump(config) if ours else json.dumps(config))
     record = run_dir / "study_run.json"
     previous = json.loads(record.read_text()) if record.exists() else {}
     if previous.get("fingerprint") != spec.fingerprint() and run_dir.exists():
