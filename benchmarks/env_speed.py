@@ -98,13 +98,27 @@ def timed_vec_env(spec: Any, n_envs: int, mode: str, **kwargs: Any) -> tuple[gym
     return envs, time.perf_counter() - start
 
 
+def minigrid_wrapper_stepper(spec: str, view_size: int) -> Stepper:
+    """One env with MiniGrid's own ViewSizeWrapper, which ``envs`` replaced (it renders the 7x7 view too)."""
+    from minigrid.wrappers import ViewSizeWrapper
+
+    env = ViewSizeWrapper(gym.make(spec), agent_view_size=view_size)
+    env.reset(seed=0)
+    return plain_stepper(env)
+
+
 def compare(spec: Any, n_envs: int, seconds: float, rounds: int, plain: bool, **kwargs: Any) -> dict[str, Any]:
-    """Rates of sync and async vector envs of ``spec`` (and of one plain env), with start-up times."""
+    """Rates of sync and async vector envs of ``spec`` (and of one plain env), with start-up times.
+
+    With ``plain`` and a ``view_size`` option, one env with MiniGrid's ViewSizeWrapper is timed too.
+    """
     sync, sync_startup = timed_vec_env(spec, n_envs, "sync", **kwargs)
     async_, async_startup = timed_vec_env(spec, n_envs, "async", **kwargs)
     steppers = {"sync": vector_stepper(sync), "async": vector_stepper(async_)}
     if plain:
         steppers = {"plain": plain_stepper(make_env(spec, seed=0, **kwargs)), **steppers}
+        if "view_size" in kwargs:
+            steppers["minigrid_wrapper"] = minigrid_wrapper_stepper(spec, kwargs["view_size"])
     result: dict[str, Any] = median_rates(steppers, seconds, rounds)
     result["sync"]["startup_s"], result["async"]["startup_s"] = sync_startup, async_startup
     sync.close()
@@ -142,9 +156,12 @@ def main() -> None:
 
     load = f"load {result['load_average_1min_before']:.1f} -> {result['load_average_1min_after']:.1f}"
     print(f"\n{args.env} {options}, {result['cpu_cores']} cores ({load}), random actions, median steps/s:")
-    for name in ("plain", "sync", "async"):
+    labels = {"plain": "plain env", "sync": f"sync x{args.n_envs}", "async": f"async x{args.n_envs}"}
+    labels["minigrid_wrapper"] = "one env, MiniGrid's ViewSizeWrapper"
+    for name, label in labels.items():
+        if name not in result:
+            continue
         r = result[name]
-        label = "plain env" if name == "plain" else f"{name} x{args.n_envs}"
         startup = f"  start-up {r['startup_s']:.2f} s" if "startup_s" in r else ""
         print(f"  {label:<9} {r['median']:>8,.0f}  (min {r['min']:,.0f}, max {r['max']:,.0f}){startup}")
     for cost, row in result.get("sweep", {}).items():

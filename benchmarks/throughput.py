@@ -29,7 +29,7 @@ def _sb3_env() -> gym.Env:
     from minigrid.wrappers import ImgObsWrapper
 
     # The env's own 3x3 view, as our envs make it (envs.minigrid.set_view_size): MiniGrid's ViewSizeWrapper
-    # would make every SB3 step 3.7x dearer than ours, and the comparison would time the env, not the agent.
+    # would make every SB3 step ~3x dearer than ours, and the comparison would time the env, not the agent.
     return gym.wrappers.FlattenObservation(ImgObsWrapper(gym.make(ENV_ID, agent_view_size=3)))
 
 

@@ -96,7 +96,7 @@ def set_view_size(env: gym.Env, view_size: int) -> None:
     """Give the agent a ``view_size`` x ``view_size`` view, in the env itself.
 
     MiniGrid's ``ViewSizeWrapper`` recomputes the view after the env has computed its own 7x7 one, which
-    made a step 3.7x slower for a 3x3 view (measured on MiniGrid-MemoryS7); setting the env's
+    made a step ~3x slower for a 3x3 view (MiniGrid-MemoryS7, benchmarks/env_speed.py); setting the env's
     ``agent_view_size`` computes only the small view, and gives the same arrays (tests/test_envs.py).
     """
     base = env.unwrapped
