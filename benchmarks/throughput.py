@@ -38,6 +38,7 @@ def _sb3_trainer(algo: str) -> Callable[[int], None]:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.logger import Logger
 
     env = make_vec_env(_sb3_env, n_envs=SETTINGS["n_envs"], seed=0)
     kwargs = {k: SETTINGS[k] for k in ("n_steps", "batch_size", "n_epochs")}
@@ -46,6 +47,7 @@ def _sb3_trainer(algo: str) -> Callable[[int], None]:
         if algo == "recurrentppo"
         else PPO("MlpPolicy", env, device="cpu", **kwargs)
     )
+    model.set_logger(Logger(folder=None, output_formats=[]))  # the default makes a temp folder per learn()
     model.learn(SETTINGS["n_envs"] * SETTINGS["n_steps"])
     return lambda frames: model.learn(frames, reset_num_timesteps=False)
 
@@ -54,7 +56,18 @@ def _our_trainer(core: str, seq_len: int | None) -> Callable[[int], None]:
     """A warmed-up PPO of ours; the returned function trains it for that many more frames."""
     from agents import PPO
 
-    model = PPO(ENV_ID, core=core, env_kwargs={"view_size": 3}, device="cpu", seq_len=seq_len, eval_every=0, **SETTINGS)
+    # Envs stepped in-process, as SB3's DummyVecEnv steps them: "auto" could pick subprocesses on a loaded
+    # machine, and the agents would then differ in how their envs run.
+    model = PPO(
+        ENV_ID,
+        core=core,
+        env_kwargs={"view_size": 3},
+        device="cpu",
+        seq_len=seq_len,
+        eval_every=0,
+        vectorization="sync",
+        **SETTINGS,
+    )
     model.learn(SETTINGS["n_envs"] * SETTINGS["n_steps"], progress=False)
     return lambda frames: model.learn(model.frames + frames, progress=False)
 

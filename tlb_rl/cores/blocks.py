@@ -44,6 +44,13 @@ class MLP(nn.Sequential):
             nn.Dropout(dropout),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Functional calls, not the four modules: TLB's slow update runs this on [B, N, D] once per chunk,
+        # where per-call overhead outweighs the arithmetic.
+        fc1, _, fc2, drop = self
+        y = F.linear(F.gelu(F.linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        return F.dropout(y, drop.p, self.training) if drop.p else y
+
 
 class Block(nn.Module):
     """Attention + MLP, each pre-LayerNorm with a residual.

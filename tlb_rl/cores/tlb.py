@@ -129,8 +129,9 @@ class TLBCore(Core):
         D, device = self.output_dim, device or self.device
         return {
             "slow": self.slow_init.detach().to(device).expand(batch_size, -1, -1).clone(),  # [B, N, D]
-            # keys/values of the current chunk's earlier steps, per self-attention block and slow update
-            "kv": torch.zeros(batch_size, self.n_cached, self.K - 1, 2 * D, device=device),
+            # keys/values of the current chunk's earlier steps (slot = position in the chunk; K slots, so the
+            # acting step writes its own into the chunk in place), per self-attention block and slow update
+            "kv": torch.zeros(batch_size, self.n_cached, self.K, 2 * D, device=device),
             "chunk_len": torch.zeros(batch_size, dtype=torch.long, device=device),  # steps of it seen
         }
 
@@ -161,77 +162,74 @@ class TLBCore(Core):
         slow_per_chunk = None
         for layer in self.layers:
             if layer.ln_kv is None:
-                h, kv = self._self_attention(layer, h, layout, kv_cache[:, cached])
+                h, kv = self._self_attention(layer, h, layout, kv_cache[:, cached, : K - 1])
                 new_kv.append(kv)
                 cached += 1
                 continue
             if slow_per_chunk is None:  # the first cross-attention: run the slow stream up to here
                 slow_per_chunk, slow, update_kv = self._slow_stream(
-                    h, layout, kv_cache[:, -1], state["slow"], reset, complete
+                    h, layout, kv_cache[:, -1, : K - 1], state["slow"], reset, complete
                 )
             h = self._cross_attention(layer, h, layout, slow_per_chunk)
         new_kv.append(update_kv)
 
-        # Keys/values of the chunk in progress at the end of the call, positions 0 .. K-2.
-        last = (seg[:, -1] * K)[:, None] + torch.arange(K - 1, device=x.device)  # [B, K-1]
+        # Keys/values of the chunk in progress at the end of the call (positions 0 .. K-1; at most K-1 are seen).
+        last = (seg[:, -1] * K)[:, None] + torch.arange(K, device=x.device)  # [B, K]
         kv_state = torch.stack(
             [c.reshape(B, C * K, -1).gather(1, last[..., None].expand(-1, -1, c.shape[-1])) for c in new_kv], 1
         )
         new_len = (q[:, -1] + 1) % K
         # Zero the slots past the chunk's length, so the state is a function of the history alone.
-        kv_state = kv_state * (torch.arange(K - 1, device=x.device) < new_len[:, None])[:, None, :, None]
+        kv_state = kv_state * (torch.arange(K, device=x.device) < new_len[:, None])[:, None, :, None]
         new_state = {"slow": slow, "kv": kv_state, "chunk_len": new_len}
         return self.ln_out(h), new_state
 
     def _step(self, x: torch.Tensor, state: State, start: torch.Tensor) -> tuple[torch.Tensor, State]:
         """One step ([B, 1, input_dim]) without the chunk layout: the acting path.
 
-        1.4x faster than the general path at T = 1 (batch 8, default sizes: 3.35 -> 2.39 ms with the machine
-        loaded; 736 -> 529 aten ops per step).
-
-        Same result as :meth:`forward` with T = 1 (tests/test_cores.py runs both): the step's keys/values
-        join the cached ones of its chunk, and the slow vectors read the chunk when it completes.
+        Same result as :meth:`forward` with T = 1 (tests/test_cores.py runs both): the step writes its
+        keys/values into its chunk's slot of the cache and attends to the slots up to it, and the slow
+        vectors read the chunk when it completes.
         """
         K = self.K
-        slot = torch.arange(K - 1, device=x.device)
+        slots = torch.arange(K, device=x.device)
         q = torch.where(start, 0, state["chunk_len"])  # [B] the step's position in its chunk
         new_len = (q + 1) % K
-        # Cached slots of this chunk's earlier steps, then the step itself (always visible): [B, 1, 1, K].
-        visible = torch.cat([slot < q[:, None], torch.ones_like(start)[:, None]], 1)[:, None, None]
-        # The step's keys/values go to slot q; slots at or past the chunk's new length are zeroed.
-        write = (slot == q[:, None])[..., None]  # [B, K-1, 1]
-        keep = (slot < new_len[:, None])[..., None]
-        slow = torch.where(start[:, None, None], self.slow_init.expand_as(state["slow"]), state["slow"])
+        visible = (slots <= q[:, None])[:, None, None]  # [B, 1, 1, K]
+        write = (slots == q[:, None])[..., None]  # [B, K, 1]
+        complete = q == K - 1  # [B] the step completes its chunk: the slow vectors read it
+        # Steps that neither start an episode nor complete a chunk leave the slots past the chunk empty;
+        # reading the flags once (a CPU sync) skips the masking ops on the other steps.
+        any_start, any_complete = bool(start.any()), bool(complete.any())
+        slow = state["slow"]
+        if any_start:
+            slow = torch.where(start[:, None, None], self.slow_init.expand_as(slow), slow)
         cache = state["kv"]
         h = self.proj(x[:, 0]) + self.pos[q]  # [B, D]
         new_kv, new_slow, update_kv = [], slow, None
         for layer in self.layers:
             if layer.ln_kv is None:
                 a = layer.ln_q(h)
-                kv = layer.attn.kv(a)  # [B, 2D]
-                key, value = self._chunk_keys(cache[:, len(new_kv)], kv)
+                chunk = torch.where(write, layer.attn.kv(a)[:, None], cache[:, len(new_kv)])  # [B, K, 2D]
+                key, value = _heads(chunk, 2 * self.H).split(self.H, dim=1)
                 query = _heads(layer.attn.q(a)[:, None], self.H)  # [B, H, 1, D/H]
                 y = F.scaled_dot_product_attention(query, key, value, attn_mask=visible)
-                new_kv.append(torch.where(write, kv[:, None], cache[:, len(new_kv)]) * keep)
+                new_kv.append(chunk)
             else:
                 if update_kv is None:  # the first cross-attention: the slow stream reads the tokens here
-                    kv = self.update.attn.kv(self.update.ln_kv(h))
-                    update_kv = torch.where(write, kv[:, None], cache[:, -1]) * keep
-                    complete = q == K - 1  # [B] the step completes its chunk: the slow vectors read it
-                    if complete.any():
-                        new = self._slow_update(slow, *self._chunk_keys(cache[:, -1], kv))
-                        new_slow = torch.where(complete[:, None, None], new, slow)
+                    update_kv = torch.where(write, self.update.attn.kv(self.update.ln_kv(h))[:, None], cache[:, -1])
+                    if any_complete:
+                        key, value = _heads(update_kv, 2 * self.H).split(self.H, dim=1)
+                        new_slow = torch.where(complete[:, None, None], self._slow_update(slow, key, value), slow)
                 query = _heads(layer.attn.q(layer.ln_q(h))[:, None], self.H)  # [B, H, 1, D/H]
                 key, value = _heads(layer.attn.kv(layer.ln_kv(slow)), 2 * self.H).split(self.H, dim=1)
                 y = F.scaled_dot_product_attention(query, key, value)
             h = h + layer.attn.out(_merge(y)[:, 0])
             h = h + layer.mlp(layer.ln_mlp(h))
         kv_state = torch.stack([*new_kv, update_kv], 1)
+        if any_start or any_complete:  # empty the slots past the chunk's new length
+            kv_state = kv_state * (slots < new_len[:, None])[:, None, :, None]
         return self.ln_out(h)[:, None], {"slow": new_slow, "kv": kv_state, "chunk_len": new_len}
-
-    def _chunk_keys(self, cache: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H, K, D/H] of a chunk's cached steps [B, K-1, 2D] and the current one [B, 2D]."""
-        return _heads(torch.cat([cache, kv[:, None]], 1), 2 * self.H).split(self.H, dim=1)
 
     def _self_attention(
         self, blk: Block, h: torch.Tensor, layout: _Layout, cache: torch.Tensor
@@ -275,12 +273,15 @@ class TLBCore(Core):
         # loop's small ops are most of the core's training time.
         any_reset, any_complete, all_complete = (v.tolist() for v in (reset.any(0), complete.any(0), complete.all(0)))
         per_chunk = []
+        # Unbound once: indexing keys[:, c] in the loop would make every iteration's backward add a
+        # zero-padded copy of all C chunks (O(C^2) work); unbind's backward is one stack.
+        chunk_keys, chunk_values = keys.unbind(1), values.unbind(1)
         for c in range(layout.C):  # the only sequential loop: T/K iterations (+1 per episode start)
             if any_reset[c]:
                 slow = torch.where(reset[:, c, None, None], init, slow)
             per_chunk.append(slow)
             if any_complete[c]:
-                new = self._slow_update(slow, keys[:, c], values[:, c])
+                new = self._slow_update(slow, chunk_keys[c], chunk_values[c])
                 slow = new if all_complete[c] else torch.where(complete[:, c, None, None], new, slow)
         return torch.stack(per_chunk, 1), slow, kv
 
