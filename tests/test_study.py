@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -200,9 +201,13 @@ def test_a_run_that_fails_once_succeeds_on_retry(tmp_path, monkeypatch):
         runner.is_finished(tmp_path, changed)
 
 
-def test_recurrentppo_baseline_writes_a_run_directory_like_ours(tmp_path):
+def test_recurrentppo_baseline_writes_a_run_directory_like_ours(tmp_path, monkeypatch):
     from agents.evaluate import EVAL_SEED_BASE
     from tlb_rl.study.sb3_baseline import RecurrentPPOConfig, train
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where SB3's default logger would make its folders
 
     config = RecurrentPPOConfig(
         env="tmaze", env_kwargs={"corridor_length": 2}, total_frames=1024, eval_every=512, n_envs=4, n_steps=64,
@@ -215,6 +220,7 @@ def test_recurrentppo_baseline_writes_a_run_directory_like_ours(tmp_path):
     final = json.loads((tmp_path / "final_eval.json").read_text())
     assert final == result and final["seeds"] == list(range(EVAL_SEED_BASE, EVAL_SEED_BASE + 6))
     assert (tmp_path / "checkpoints" / "best.zip").is_file()
+    assert not list(temp.glob("SB3-*"))
 
 
 # ---------------------------------------------------------------------- end to end
@@ -266,6 +272,16 @@ def test_tiny_study_end_to_end_local_then_resume_skips_finished_runs(tmp_path, c
     other = write_config(tmp_path, {**TINY_STUDY, "seeds": [0, 1, 2]}, "other.yaml")
     with pytest.raises(UserError, match="another config"):
         runner.run_study(load_study(other), other, study_dir, log=lambda _: None)
+
+
+def test_compare_exits_nonzero_when_runs_were_stopped_by_a_signal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "_command", _fake_command("import os, signal; os.kill(os.getpid(), signal.SIGTERM)"))
+    config = write_config(tmp_path, TINY_STUDY)
+    study_dir = tmp_path / "study"
+    assert run_compare(["compare", "--config", str(config), "--out", str(study_dir)], capsys) == 130
+    assert (study_dir / "report.md").is_file()  # written before exiting, with the runs marked missing
+    records = [json.loads(p.read_text()) for p in study_dir.glob("runs/*/*/*/study_run.json")]
+    assert sorted(r["status"] for r in records) == ["interrupted"] * 4
 
 
 def test_tiny_study_on_a_local_ray_instance(tmp_path, capsys):

@@ -21,6 +21,8 @@ def compare(
     """Run (or resume) the study of ``config`` and write its report; returns the study directory.
 
     :raises TrainingError: when runs failed twice (the report is written anyway, without them).
+    :raises SystemExit: 130 when the user interrupted the study, or when runs were stopped by a signal (the
+        report is written first, without them).
     """
     study = load_study(config)
     study_dir = Path(out) if out else STUDIES_DIR / study.name
@@ -50,6 +52,14 @@ def compare(
             f"{len(bad)} run(s) failed twice and are left out of the report: {ids}; see {study_dir / 'errors.log'}; "
             "running the same compare command again retries them"
         )
+    stopped = [o.run_id for o in outcomes if o.status == "interrupted"]
+    if stopped:  # a run killed by a signal: the report is partial, and a script must be able to tell
+        print(
+            f"{len(stopped)} run(s) were interrupted and are missing from the report: {', '.join(stopped)}; "
+            f"the same command resumes them in {study_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     return study_dir
 
 

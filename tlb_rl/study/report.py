@@ -318,7 +318,8 @@ def plot_curves(report: dict[str, Any], out: Path) -> None:
         ax.set_xlabel("frames")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # an env whose runs are all missing has no curve to label
+            ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("validation success (IQM, 95% CI)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

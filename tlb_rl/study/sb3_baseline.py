@@ -98,6 +98,7 @@ def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.logger import Logger
 
     from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE
 
@@ -111,6 +112,9 @@ def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
     model = RecurrentPPO(
         "MlpLstmPolicy", vec, seed=config.seed, device="cpu", gamma=config.gamma, gae_lambda=config.gae_lambda, **hyper
     )
+    # SB3's default logger makes an empty SB3-<time> folder in the temp dir on every learn(); the metrics
+    # this run keeps are written by the callback below.
+    model.set_logger(Logger(folder=None, output_formats=[]))
 
     class Validate(BaseCallback):
         """Evaluates on validation seeds once the frames trained on pass each multiple of eval_every.
