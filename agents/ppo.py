@@ -340,6 +340,15 @@ class PPO:
         )
         if not same_setting:
             return  # other envs than the saved ones: start fresh episodes, as a new run would
+        expected = self.policy.initial_state(cfg.n_envs, "cpu")
+        saved_state = saved["core_state"]
+        if set(saved_state) != set(expected) or any(saved_state[k].shape != v.shape for k, v in expected.items()):
+            print(
+                f"warning: the checkpoint's core state does not fit core '{cfg.core}' (saved by another version of "
+                "tlb-rl?); the weights are restored, the envs start fresh episodes",
+                file=sys.stderr,
+            )
+            return
         envs.set_attr("restore_from", [{**e, "actions": e["actions"].numpy()} for e in saved["envs"]])
         obs, _ = envs.reset()
         if not _same_observations(obs, saved["obs"]):

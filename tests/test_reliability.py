@@ -22,7 +22,7 @@ import torch
 from agents import PPO
 from envs import make_env, make_vec_env
 from envs.seeding import TRAINING_SEED_LIMIT, SeededEpisodes, episode_seed
-from tlb_rl.checkpoint import load_checkpoint
+from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
 from tlb_rl.cli import main
 
 TLB_SMALL = {"d_model": 16, "n_heads": 2, "chunk_size": 4, "n_slow": 2}
@@ -157,6 +157,22 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     for frames in sorted(a):
         assert a[frames] == b[frames], f"metrics differ at {frames} frames"
     assert any(r.get("rollout/episodes", 0) > 0 for r in a.values()), "episodes must end inside the test"
+
+
+def test_resume_with_a_core_state_of_another_layout_starts_fresh_episodes(tmp_path, capsys):
+    run = PPO(**DOORKEY, run_dir=str(tmp_path / "run"))
+    run.learn(callback=lambda model, _: model.updates < 2, progress=False)
+    run.close()
+    path = tmp_path / "run" / "checkpoints" / "latest.pt"
+    data = load_checkpoint(path)
+    state = data["rollout"]["core_state"]
+    state["kv"] = state["kv"][:, :, :-1]  # the layout of an older TLB core: one cache slot fewer
+    save_checkpoint(data, path)
+    resumed = PPO.load(path)
+    resumed.learn(progress=False)  # no shape error: the envs' episodes start afresh
+    resumed.close()
+    assert "does not fit core 'tlb'" in capsys.readouterr().err
+    assert resumed.frames == DOORKEY["total_frames"]
 
 
 def test_ctrl_c_saves_an_exact_checkpoint_and_resume_continues_the_run(tmp_path, capsys):
