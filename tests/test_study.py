@@ -342,6 +342,7 @@ def test_tiny_bc_study_end_to_end(tmp_path, bc_demos, capsys):
     report = json.loads((study_dir / "report.json").read_text())
     rows = report["envs"]["redball"]["rows"]
     assert list(rows) == ["tlb-bc", "lstm-bc"] and report["bc_rows"] == ["tlb-bc", "lstm-bc"]
+    assert report["seeds"]["validation_env_seeds"] == {"redball": [500_000, 500_003]}  # the BC rows' 4 episodes
     for row in rows.values():
         assert row["runs"] == 1 and not row["missing"] and len(row["curve"]["iqm"]) == 3
         assert row["steps_per_s_mean"] > 0

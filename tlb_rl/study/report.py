@@ -152,9 +152,17 @@ def _seed_ranges(cells: dict[str, dict[str, Cell]], study: StudyConfig) -> dict[
     from agents.evaluate import VALIDATION_SEED_BASE
 
     final = sorted({s for by_row in cells.values() for c in by_row.values() for r in c.runs for s in r.final_seeds})
-    episodes = {
-        e.name: int({**study.ppo, **e.ppo}.get("eval_episodes", 100)) for e in study.envs
-    }  # PPOConfig's default is 100
+    # Validation episodes per env, from each row's own run config (PPO and BC rows may set it apart; the
+    # default is 100 for both); an env whose rows differ lists them row by row.
+    by_env: dict[str, dict[str, int]] = {}
+    for spec in expand(study):
+        by_env.setdefault(spec.env_name, {})[spec.row] = int(spec.config.get("eval_episodes", 100))
+    episodes = {}
+    for env, rows in by_env.items():
+        if len(set(rows.values())) == 1:
+            episodes[env] = next(iter(rows.values()))
+        else:
+            episodes.update({f"{env} ({row})": n for row, n in rows.items()})
     return {
         "training_seeds": study.seeds,
         "training_env_seeds": "run seed s: env i starts from seed s + i (all below the validation seeds)",
