@@ -218,7 +218,8 @@ class PPO:
         ).bool()
         self.policy.eval()
         actions, _, _, state = self.policy.act(obs_t, state, starts, deterministic)
-        return clip_to_space(actions.cpu().numpy(), self.action_space), state
+        # act's tensors are inference tensors; a user may edit the state in place or backpropagate through it.
+        return clip_to_space(actions.cpu().numpy(), self.action_space), {k: v.clone() for k, v in state.items()}
 
     # ------------------------------------------------------------------ training
     def learn(

@@ -159,6 +159,9 @@ def test_save_load_predict_roundtrip(tmp_path):
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k])
     assert loaded.frames == model.frames == 16
+    # The policy acts under inference mode; the state a user gets back must be an ordinary tensor.
+    s1["slow"].zero_()
+    model.predict(obs, s1, np.zeros(2, dtype=bool))
 
 
 def test_learning_rate_anneals_linearly():

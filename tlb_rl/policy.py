@@ -68,7 +68,10 @@ class SequencePolicy(nn.Module):
     def act(
         self, obs: Obs, state: State, episode_starts: torch.Tensor, deterministic: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
-        """One step for a batch of environments: observations [B, ...] -> actions, log-probs, values, state."""
+        """One step for a batch of environments: observations [B, ...] -> actions, log-probs, values, state.
+
+        Returns inference tensors: clone them before an in-place edit or a pass that needs gradients.
+        """
         dist, values, state = self(map_obs(lambda v: v[:, None], obs), state, episode_starts[:, None])
         actions = dist.mode() if deterministic else dist.sample()
         return actions, dist.log_prob(actions), values[:, 0], state

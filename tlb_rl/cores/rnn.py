@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, reset_rows
 
 
 class RNNCore(Core):
-    """A single-layer LSTM or GRU.
+    """An LSTM or GRU (one layer by default).
 
     A sequence without episode starts after its first step is one call of the fused module. A sequence
     with more starts is cut into its episodes, which run as one packed batch (each from a zero state, the
@@ -69,28 +69,34 @@ class RNNCore(Core):
     def _episodes(
         self, x: torch.Tensor, starts: torch.Tensor, hidden: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Runs every row's pieces between episode starts as one packed batch; returns outputs and final states."""
+        """Runs every row's pieces between episode starts as one packed batch; returns outputs and final states.
+
+        The packed layout is built directly (time-major, pieces longest first), not by padding: a batch
+        mixing one long episode with many short ones would pad to pieces x longest piece.
+        """
         B, T, F = x.shape
         opens = starts.clone()
         opens[:, 0] = True  # every row's first piece opens at step 0, continuing its state or not
-        piece = opens.long().cumsum(1) - 1  # [B, T] the step's piece within its row
-        n_pieces = piece[:, -1] + 1
+        n_pieces = opens.sum(1)
         first = n_pieces.cumsum(0) - n_pieces  # [B] global index of each row's first piece
+        piece = opens.long().cumsum(1) - 1 + first[:, None]  # [B, T] the step's piece, globally
         t = torch.arange(T, device=x.device)
         pos = t - torch.where(opens, t, 0).cummax(1).values  # step within its piece
-        S = int(n_pieces.sum())
-        lengths = torch.bincount((piece + first[:, None]).flatten(), minlength=S)
-        L = int(lengths.max())
-        slot = ((piece + first[:, None]) * L + pos).flatten()  # [B*T] the step's place in [S, L]
-        padded = x.new_zeros(S * L, F).index_copy(0, slot, x.reshape(B * T, F)).view(S, L, F)
+        lengths = torch.bincount(piece.flatten(), minlength=int(n_pieces.sum()))
+        order = torch.argsort(lengths, descending=True, stable=True)  # the pieces, longest first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=x.device)
+        # batch_sizes[j]: pieces longer than j; step j of every piece sits in block j of the packed data.
+        batch_sizes = (lengths[None, :] > torch.arange(int(lengths.max()), device=x.device)[:, None]).sum(1)
+        slot = ((batch_sizes.cumsum(0) - batch_sizes)[pos] + rank[piece]).flatten()  # [B*T] place in the data
+        data = x.new_empty(B * T, F).index_copy(0, slot, x.reshape(B * T, F))
+        packed = PackedSequence(data, batch_sizes.cpu(), order, rank)
         # Only a row's first piece continues a state; the pieces after it open episodes, from zeros.
-        h0 = [h.new_zeros(h.shape[0], S, h.shape[2]).index_copy(1, first, h) for h in hidden]
-        packed = pack_padded_sequence(padded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        h0 = [h.new_zeros(h.shape[0], len(order), h.shape[2]).index_copy(1, first, h) for h in hidden]
         out, new = self.rnn(packed, tuple(h0) if self.cell == "lstm" else h0[0])
-        y = pad_packed_sequence(out, batch_first=True, total_length=L)[0].reshape(S * L, -1)
         last = first + n_pieces - 1  # each row's last piece holds its final state (h_n keeps input order)
         finals = [h[:, last] for h in (new if self.cell == "lstm" else (new,))]
-        return y.index_select(0, slot).view(B, T, -1), finals
+        return out.data.index_select(0, slot).view(B, T, -1), finals
 
 
 class FeedForwardCore(Core):

@@ -187,9 +187,9 @@ class TLBCore(Core):
     def _step(self, x: torch.Tensor, state: State, start: torch.Tensor) -> tuple[torch.Tensor, State]:
         """One step ([B, 1, input_dim]) without the chunk layout: the acting path.
 
-        Same result as :meth:`forward` with T = 1 (tests/test_cores.py runs both): the step writes its
-        keys/values into its chunk's slot of the cache and attends to the slots up to it, and the slow
-        vectors read the chunk when it completes.
+        Same result as the sequence path (tests/test_cores.py checks T one-step calls against one call of
+        T steps): the step writes its keys/values into its chunk's slot of the cache and attends to the
+        slots up to it, and the slow vectors read the chunk when it completes.
         """
         K = self.K
         slots = torch.arange(K, device=x.device)
@@ -199,8 +199,8 @@ class TLBCore(Core):
         write = (slots == q[:, None])[..., None]  # [B, K, 1]
         complete = q == K - 1  # [B] the step completes its chunk: the slow vectors read it
         # Steps that neither start an episode nor complete a chunk leave the slots past the chunk empty;
-        # reading the flags once (a CPU sync) skips the masking ops on the other steps.
-        any_start, any_complete = bool(start.any()), bool(complete.any())
+        # reading both flags in one host sync skips the masking ops on the other steps.
+        any_start, any_complete = torch.stack([start.any(), complete.any()]).tolist()
         slow = state["slow"]
         if any_start:
             slow = torch.where(start[:, None, None], self.slow_init.expand_as(slow), slow)

@@ -22,7 +22,7 @@ def compare(
 
     :raises TrainingError: when runs failed twice (the report is written anyway, without them).
     :raises SystemExit: 130 when the user interrupted the study, or when runs were stopped by a signal (the
-        report is written first, without them).
+        report is written first, without them; this takes precedence over failed runs, which are listed too).
     """
     study = load_study(config)
     study_dir = Path(out) if out else STUDIES_DIR / study.name
@@ -45,21 +45,21 @@ def compare(
     (study_dir / "study_meta.json").write_text(json.dumps({"command": command}, indent=2) + "\n")
     report_path = write_report(study_dir)
     print(f"report: {report_path}")
-    bad = failed(outcomes)
-    if bad:
-        ids = ", ".join(o.run_id for o in bad)
-        raise TrainingError(
-            f"{len(bad)} run(s) failed twice and are left out of the report: {ids}; see {study_dir / 'errors.log'}; "
-            "running the same compare command again retries them"
-        )
+    bad = [o.run_id for o in failed(outcomes)]
+    failures = (
+        f"{len(bad)} run(s) failed twice and are left out of the report: {', '.join(bad)}; see "
+        f"{study_dir / 'errors.log'}; running the same compare command again retries them"
+    )
     stopped = [o.run_id for o in outcomes if o.status == "interrupted"]
     if stopped:  # a run killed by a signal: the report is partial, and a script must be able to tell
         print(
             f"{len(stopped)} run(s) were interrupted and are missing from the report: {', '.join(stopped)}; "
-            f"the same command resumes them in {study_dir}",
+            f"the same command resumes them in {study_dir}" + (f"\n{failures}" if bad else ""),
             file=sys.stderr,
         )
         sys.exit(130)
+    if bad:
+        raise TrainingError(failures)
     return study_dir
 
 
