@@ -4,7 +4,8 @@ All agents train on MiniGrid-MemoryS7 with a 3x3 view, 8 envs, n_steps 128, batc
 in one run on one machine. The agents take turns: every round times each agent for ``frames / rounds``
 frames, and a ratio is taken within a round, so a machine that slows down for a minute (this project's
 shared 2-core VM drifts by up to ~1.6x) slows every agent of that round, not one agent's whole
-measurement. The summary gives the median over rounds.
+measurement. The summary gives the median over rounds, and for our agents the milliseconds per update
+spent acting (env steps included) and training.
 
     python benchmarks/throughput.py [--frames 12288] [--rounds 3] [--agents tlb,lstm,recurrentppo,ppo_mlp]
 """
@@ -52,9 +53,16 @@ def _sb3_trainer(algo: str) -> Callable[[int], None]:
     return lambda frames: model.learn(frames, reset_num_timesteps=False)
 
 
-def _our_trainer(core: str, seq_len: int | None) -> Callable[[int], None]:
-    """A warmed-up PPO of ours; the returned function trains it for that many more frames."""
+def _our_trainer(core: str, seq_len: int | None, split: dict[str, float]) -> Callable[[int], None]:
+    """A warmed-up PPO of ours; the returned function trains it for that many more frames.
+
+    ``split`` accumulates the timed updates' seconds of acting (rollout, env steps included) and of training.
+    """
     from agents import PPO
+
+    def record(model: PPO, metrics: dict[str, float]) -> None:
+        split["rollout_s"] = split.get("rollout_s", 0.0) + metrics["time/rollout_s"]
+        split["update_s"] = split.get("update_s", 0.0) + metrics["time/update_s"]
 
     # Envs stepped in-process, as SB3's DummyVecEnv steps them: "auto" could pick subprocesses on a loaded
     # machine, and the agents would then differ in how their envs run.
@@ -69,7 +77,7 @@ def _our_trainer(core: str, seq_len: int | None) -> Callable[[int], None]:
         **SETTINGS,
     )
     model.learn(SETTINGS["n_envs"] * SETTINGS["n_steps"], progress=False)
-    return lambda frames: model.learn(model.frames + frames, progress=False)
+    return lambda frames: model.learn(model.frames + frames, callback=record, progress=False)
 
 
 def main() -> None:
@@ -96,8 +104,9 @@ def main() -> None:
     frames = max(per_update, args.frames // args.rounds // per_update * per_update)  # whole updates per turn
 
     names = [a if a in PEERS else f"{a}_ppo" for a in args.agents.split(",")]
+    splits: dict[str, dict[str, float]] = {name: {} for name in names if name.endswith("_ppo")}
     trainers = {
-        name: _sb3_trainer(agent) if agent in PEERS else _our_trainer(agent, args.seq_len)
+        name: _sb3_trainer(agent) if agent in PEERS else _our_trainer(agent, args.seq_len, splits[name])
         for name, agent in zip(names, args.agents.split(","), strict=True)
     }
     rounds: list[dict[str, float]] = []
@@ -113,6 +122,11 @@ def main() -> None:
     pairs = [(ours, peer) for ours in names if ours.endswith("_ppo") for peer in PEERS if peer in names]
     steps_per_s = {name: statistics.median(fps[name] for fps in rounds) for name in names}
     ratios = {f"{a}/{b}": statistics.median(fps[a] / fps[b] for fps in rounds) for a, b in pairs}
+    # Where our agents' time goes, in ms per update (n_envs * n_steps frames), over all timed rounds.
+    updates = frames * args.rounds / per_update
+    ms_per_update = {
+        name: {k.removesuffix("_s"): 1000 * v / updates for k, v in split.items()} for name, split in splits.items()
+    }
     result = {
         "env": ENV_ID,
         "view_size": 3,
@@ -123,6 +137,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "steps_per_s": steps_per_s,
         "ratios": ratios,
+        "ms_per_update": ms_per_update,
     }
     print(json.dumps(result, indent=2))
     print("\nsummary (medians over rounds):")
@@ -130,6 +145,9 @@ def main() -> None:
         print(f"  {name:>16}: {value:8.0f} steps/s")
     for name, value in ratios.items():
         print(f"  {name:>30}: {value:.2f}x")
+    print(f"\nms per update of {per_update} frames (acting incl. env steps / training):")
+    for name, split in ms_per_update.items():
+        print(f"  {name:>16}: {split.get('rollout', 0):6.0f} / {split.get('update', 0):6.0f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)
