@@ -409,6 +409,31 @@ def test_tlb_slow_state_changes_exactly_when_a_chunk_completes(config):
 # Windowed Transformer: the receptive field is n_layers * (W - 1) steps back
 
 
+@pytest.mark.parametrize("path", ["_spans", "_packed"])
+@pytest.mark.parametrize("config", ["lstm", "lstm-2layers", "gru"])
+def test_recurrent_core_paths_equal_step_by_step_calls(config, path, monkeypatch):
+    """LSTM/GRU pick one call per span or one packed batch by cost; both must give the same outputs,
+    states and input gradients as stepping, whichever the heuristic would pick for these starts."""
+    core = build(config)
+    B, T = 6, 23
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(B, T, IN, generator=gen, requires_grad=True)
+    starts = _scenario_starts(B, T, gen)
+    state0 = warm_state(core, B, 9, seed=5)
+    other = "_packed" if path == "_spans" else "_spans"
+    monkeypatch.setattr(core, other, lambda *a: pytest.fail(f"{other} ran"))
+    if path == "_spans":  # make the cost rule pick spans on CPU: a longest piece far above the spans' count
+        starts[:, 1:] = False
+        starts[2, 11] = True  # one cut; every other row runs 23 steps in one piece
+    y_all, s_all = core(x, state0, starts)
+    (g_all,) = torch.autograd.grad(projection_loss(y_all), x)
+    y_step, s_step = run_pieces(core, x, starts, state0, [1] * T)
+    (g_step,) = torch.autograd.grad(projection_loss(y_step), x)
+    torch.testing.assert_close(y_all, y_step, atol=ATOL, rtol=0)
+    torch.testing.assert_close(g_all, g_step, atol=ATOL, rtol=0)
+    assert_states_close(s_all, s_step)
+
+
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_transformer_receptive_field(n_layers):
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
-"""LSTM and GRU cores: torch's fused recurrent modules, one call per sequence however many episodes it holds."""
+"""LSTM and GRU cores: torch's recurrent modules over sequences that hold several episodes."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -13,10 +15,10 @@ class RNNCore(Core):
     """An LSTM or GRU (one layer by default).
 
     A sequence without episode starts after its first step is one call of the fused module. A sequence
-    with more starts is cut into its episodes, which run as one packed batch (each from a zero state, the
-    first from the row's state), so the module is still called once. Cutting every row at every step where
-    any row starts made one call per cut: with MemoryS7's ~6-step episodes, ~45 calls per 128-step pair of
-    segments, and LSTM-PPO's update was 3x slower than TLB-PPO's.
+    with more starts runs either one call per span between the steps where some row starts (resetting
+    those rows), or, when episodes are short, as one packed batch of its episodes (each from a zero state,
+    a row's first from the row's state). With spans only, MemoryS7's ~6-step episodes made ~45 calls per
+    pair of 128-step segments, and LSTM-PPO's update took 3x as long as TLB-PPO's.
 
     :param input_dim: width of the inputs.
     :param hidden_size: width of the hidden state and of the output.
@@ -55,33 +57,58 @@ class RNNCore(Core):
     def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
         starts = episode_starts.bool()
+        T = x.shape[1]
         names = ["h", "c"] if self.cell == "lstm" else ["h"]  # the order torch's modules use
         # nn.LSTM wants [layers, B, H]; our state is batch-first [B, layers, H]. A row whose first step
         # starts an episode begins from zeros.
         hidden = [reset_rows(state[n], starts[:, 0]).transpose(0, 1).contiguous() for n in names]
-        if starts[:, 1:].any():
-            y, hidden = self._episodes(x, starts, hidden)
+        cuts = (torch.nonzero(starts[:, 1:].any(0)).flatten() + 1).tolist()  # steps where some row starts
+        if not cuts:
+            y, hidden = self._run(x, hidden)
         else:
-            y, new = self.rnn(x, tuple(hidden) if self.cell == "lstm" else hidden[0])
-            hidden = list(new) if self.cell == "lstm" else [new]
+            opens = starts.clone()
+            opens[:, 0] = True  # every row's first piece opens at step 0, continuing its state or not
+            t = torch.arange(T, device=x.device)
+            pos = t - torch.where(opens, t, 0).cummax(1).values  # step within its episode piece
+            # A packed batch loops over the longest piece; one call per span between cuts pays a call each.
+            # On CPU torch runs packed sequences with its generic per-step kernel, ~4x dearer per step
+            # than a plain call's fused one; measured on [2, 128] and [8, 128] (hidden 128), packing won
+            # from about 3 spans per 5 steps of the longest piece (6-step episodes: 9.7 vs 40 ms fwd+bwd;
+            # ~35-step episodes: 33 vs 12 ms the other way). On CUDA packing avoids the calls' launches.
+            if x.is_cuda or 5 * (len(cuts) + 1) >= 3 * (int(pos.max()) + 1):
+                y, hidden = self._packed(x, opens, pos, hidden)
+            else:
+                y, hidden = self._spans(x, starts, cuts, hidden)
         return y, {n: h.transpose(0, 1) for n, h in zip(names, hidden, strict=True)}
 
-    def _episodes(
-        self, x: torch.Tensor, starts: torch.Tensor, hidden: list[torch.Tensor]
+    def _run(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        y, new = self.rnn(x, tuple(hidden) if self.cell == "lstm" else hidden[0])
+        return y, list(new) if self.cell == "lstm" else [new]
+
+    def _spans(
+        self, x: torch.Tensor, starts: torch.Tensor, cuts: list[int], hidden: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Runs every row's pieces between episode starts as one packed batch; returns outputs and final states.
+        """One call per span between the steps where some row starts an episode."""
+        outputs = []
+        for begin, end in itertools.pairwise([0, *cuts, x.shape[1]]):
+            if begin:
+                hidden = [reset_rows(h.transpose(0, 1), starts[:, begin]).transpose(0, 1).contiguous() for h in hidden]
+            y, hidden = self._run(x[:, begin:end], hidden)
+            outputs.append(y)
+        return torch.cat(outputs, 1), hidden
+
+    def _packed(
+        self, x: torch.Tensor, opens: torch.Tensor, pos: torch.Tensor, hidden: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every row's episode pieces as one packed batch, each from a zero state but a row's first.
 
         The packed layout is built directly (time-major, pieces longest first), not by padding: a batch
         mixing one long episode with many short ones would pad to pieces x longest piece.
         """
         B, T, F = x.shape
-        opens = starts.clone()
-        opens[:, 0] = True  # every row's first piece opens at step 0, continuing its state or not
         n_pieces = opens.sum(1)
         first = n_pieces.cumsum(0) - n_pieces  # [B] global index of each row's first piece
         piece = opens.long().cumsum(1) - 1 + first[:, None]  # [B, T] the step's piece, globally
-        t = torch.arange(T, device=x.device)
-        pos = t - torch.where(opens, t, 0).cummax(1).values  # step within its piece
         lengths = torch.bincount(piece.flatten(), minlength=int(n_pieces.sum()))
         order = torch.argsort(lengths, descending=True, stable=True)  # the pieces, longest first
         rank = torch.empty_like(order)
@@ -90,13 +117,11 @@ class RNNCore(Core):
         batch_sizes = (lengths[None, :] > torch.arange(int(lengths.max()), device=x.device)[:, None]).sum(1)
         slot = ((batch_sizes.cumsum(0) - batch_sizes)[pos] + rank[piece]).flatten()  # [B*T] place in the data
         data = x.new_empty(B * T, F).index_copy(0, slot, x.reshape(B * T, F))
-        packed = PackedSequence(data, batch_sizes.cpu(), order, rank)
         # Only a row's first piece continues a state; the pieces after it open episodes, from zeros.
         h0 = [h.new_zeros(h.shape[0], len(order), h.shape[2]).index_copy(1, first, h) for h in hidden]
-        out, new = self.rnn(packed, tuple(h0) if self.cell == "lstm" else h0[0])
+        out, new = self._run(PackedSequence(data, batch_sizes.cpu(), order, rank), h0)
         last = first + n_pieces - 1  # each row's last piece holds its final state (h_n keeps input order)
-        finals = [h[:, last] for h in (new if self.cell == "lstm" else (new,))]
-        return out.data.index_select(0, slot).view(B, T, -1), finals
+        return out.data.index_select(0, slot).view(B, T, -1), [h[:, last] for h in new]
 
 
 class FeedForwardCore(Core):
