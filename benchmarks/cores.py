@@ -57,7 +57,7 @@ def lstm_hidden_matching(n: int, input_dim: int = INPUT_DIM) -> int:
 
 
 def train_case(core: Core, starts: torch.Tensor, seed: int) -> Callable[[], None]:
-    """One forward + backward over [TRAIN_B, TRAIN_T] from a fresh state."""
+    """One forward + backward over [TRAIN_B, TRAIN_T] from a fresh state (and the core's own loss, as PPO adds)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(TRAIN_B, TRAIN_T, INPUT_DIM, generator=gen)
     proj = torch.randn(core.output_dim, generator=gen)
@@ -65,7 +65,9 @@ def train_case(core: Core, starts: torch.Tensor, seed: int) -> Callable[[], None
     def run() -> None:
         core.zero_grad(set_to_none=True)
         y, _ = core(x, core.initial_state(TRAIN_B), starts)
-        (y * proj).sum().backward()  # a projection: the sum of a LayerNorm output has no gradient
+        loss = (y * proj).sum()  # a projection: the sum of a LayerNorm output has no gradient
+        aux = core.auxiliary_loss()  # bRSM learns from its own loss; its output is detached by default
+        (loss if aux is None else loss + aux).backward()
 
     return run
 
