@@ -91,8 +91,8 @@ class RNNCore(Core):
         """One call per span between the steps where some row starts an episode."""
         outputs = []
         for begin, end in itertools.pairwise([0, *cuts, x.shape[1]]):
-            if begin:
-                hidden = [reset_rows(h.transpose(0, 1), starts[:, begin]).transpose(0, 1).contiguous() for h in hidden]
+            if begin:  # hidden is [layers, B, H]: zero the rows that start an episode here
+                hidden = [h.masked_fill(starts[:, begin, None], 0.0) for h in hidden]
             y, hidden = self._run(x[:, begin:end], hidden)
             outputs.append(y)
         return torch.cat(outputs, 1), hidden

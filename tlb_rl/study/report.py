@@ -80,11 +80,11 @@ def load_run(study_dir: Path, spec: RunSpec, grid: np.ndarray) -> RunData | None
     )
 
 
-def collect(study: StudyConfig, study_dir: Path) -> dict[str, dict[str, Cell]]:
-    """env name -> row -> Cell, in the order of the config."""
+def collect(study: StudyConfig, study_dir: Path, specs: list[RunSpec]) -> dict[str, dict[str, Cell]]:
+    """env name -> row -> Cell for the runs ``specs`` (``expand(study)``), in the order of the config."""
     cells: dict[str, dict[str, Cell]] = {}
     envs = {e.name: e for e in study.envs}
-    for spec in expand(study):
+    for spec in specs:
         env = envs[spec.env_name]
         cell = cells.setdefault(spec.env_name, {}).setdefault(spec.row, Cell())
         run = load_run(study_dir, spec, grid_of(env.total_frames, env.eval_every))
@@ -148,14 +148,14 @@ def aggregate(cells: dict[str, dict[str, Cell]]) -> dict[str, Any]:
     return out
 
 
-def _seed_ranges(cells: dict[str, dict[str, Cell]], study: StudyConfig) -> dict[str, Any]:
+def _seed_ranges(cells: dict[str, dict[str, Cell]], study: StudyConfig, specs: list[RunSpec]) -> dict[str, Any]:
     from agents.evaluate import VALIDATION_SEED_BASE
 
     final = sorted({s for by_row in cells.values() for c in by_row.values() for r in c.runs for s in r.final_seeds})
     # Validation episodes per env, from each row's own run config (PPO and BC rows may set it apart; the
     # default is 100 for both); an env whose rows differ lists them row by row.
     by_env: dict[str, dict[str, int]] = {}
-    for spec in expand(study):
+    for spec in specs:
         by_env.setdefault(spec.env_name, {})[spec.row] = int(spec.config.get("eval_episodes", 100))
     episodes = {}
     for env, rows in by_env.items():
@@ -180,7 +180,8 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     if not config_path.exists():
         raise UserError(f"{study_dir} is not a study directory (no study.yaml); run tlb-rl compare first")
     study = load_study(config_path)
-    cells = collect(study, study_dir)
+    specs = expand(study)  # validates every run's config: done once
+    cells = collect(study, study_dir, specs)
     meta_path = study_dir / "study_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     envs = {}
@@ -201,7 +202,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
         "study": study.name,
         "command": meta.get("command"),
         "threshold": study.threshold,
-        "seeds": _seed_ranges(cells, study),
+        "seeds": _seed_ranges(cells, study, specs),
         "envs": envs,
         "all_envs": aggregate(cells),
         "missing_runs": [m for by_row in cells.values() for c in by_row.values() for m in c.missing],
