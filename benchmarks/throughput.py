@@ -8,6 +8,9 @@ measurement. The summary gives the median over rounds, and for our agents the mi
 spent acting (env steps included) and training.
 
     python benchmarks/throughput.py [--frames 12288] [--rounds 3] [--agents tlb,lstm,recurrentppo,ppo_mlp]
+
+An agent of ours may carry core hyperparameters, so that two settings of one core race in one run:
+``--agents tlb,tlb:chunk_size=16,ppo_mlp`` (each ``key=value`` after a colon goes to ``core_kwargs``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Callable
 
 import gymnasium as gym
 import torch
+
+from tlb_rl.config import apply_overrides
 
 ENV_ID = "MiniGrid-MemoryS7-v0"
 SETTINGS = {"n_envs": 8, "n_steps": 128, "batch_size": 256, "n_epochs": 4}
@@ -53,12 +58,14 @@ def _sb3_trainer(algo: str) -> Callable[[int], None]:
     return lambda frames: model.learn(frames, reset_num_timesteps=False)
 
 
-def _our_trainer(core: str, seq_len: int | None, split: dict[str, float]) -> Callable[[int], None]:
+def _our_trainer(spec: str, seq_len: int | None, split: dict[str, float]) -> Callable[[int], None]:
     """A warmed-up PPO of ours; the returned function trains it for that many more frames.
 
     ``split`` accumulates the timed updates' seconds of acting (rollout, env steps included) and of training.
     """
     from agents import PPO
+
+    core, *options = spec.split(":")
 
     def record(model: PPO, metrics: dict[str, float]) -> None:
         split["rollout_s"] = split.get("rollout_s", 0.0) + metrics["time/rollout_s"]
@@ -69,6 +76,7 @@ def _our_trainer(core: str, seq_len: int | None, split: dict[str, float]) -> Cal
     model = PPO(
         ENV_ID,
         core=core,
+        core_kwargs=apply_overrides({}, options),
         env_kwargs={"view_size": 3},
         device="cpu",
         seq_len=seq_len,
@@ -87,7 +95,8 @@ def main() -> None:
     parser.add_argument(
         "--agents",
         default="tlb,lstm,recurrentppo,ppo_mlp",
-        help="comma-separated: tlb, lstm, gru, transformer, brsm, none, recurrentppo, ppo_mlp",
+        help="comma-separated: tlb, lstm, gru, transformer, brsm, none (each optionally :key=value...), "
+        "recurrentppo, ppo_mlp",
     )
     parser.add_argument(
         "--seq-len",
@@ -103,11 +112,13 @@ def main() -> None:
     per_update = SETTINGS["n_envs"] * SETTINGS["n_steps"]
     frames = max(per_update, args.frames // args.rounds // per_update * per_update)  # whole updates per turn
 
-    names = [a if a in PEERS else f"{a}_ppo" for a in args.agents.split(",")]
-    splits: dict[str, dict[str, float]] = {name: {} for name in names if name.endswith("_ppo")}
+    specs = args.agents.split(",")
+    # tlb -> tlb_ppo, tlb:chunk_size=16 -> tlb_ppo:chunk_size=16
+    names = [a if a in PEERS else "{}_ppo{}{}".format(*a.partition(":")) for a in specs]
+    splits: dict[str, dict[str, float]] = {name: {} for name in names if name not in PEERS}
     trainers = {
         name: _sb3_trainer(agent) if agent in PEERS else _our_trainer(agent, args.seq_len, splits[name])
-        for name, agent in zip(names, args.agents.split(","), strict=True)
+        for name, agent in zip(names, specs, strict=True)
     }
     rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
@@ -119,7 +130,7 @@ def main() -> None:
         rounds.append(fps)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in fps.items()), flush=True)
 
-    pairs = [(ours, peer) for ours in names if ours.endswith("_ppo") for peer in PEERS if peer in names]
+    pairs = [(ours, peer) for ours in splits for peer in PEERS if peer in names]
     steps_per_s = {name: statistics.median(fps[name] for fps in rounds) for name in names}
     ratios = {f"{a}/{b}": statistics.median(fps[a] / fps[b] for fps in rounds) for a, b in pairs}
     # Where our agents' time goes, in ms per update (n_envs * n_steps frames), over all timed rounds.
@@ -140,14 +151,15 @@ def main() -> None:
         "ms_per_update": ms_per_update,
     }
     print(json.dumps(result, indent=2))
+    width = max(map(len, [*names, *ratios]))
     print("\nsummary (medians over rounds):")
     for name, value in steps_per_s.items():
-        print(f"  {name:>16}: {value:8.0f} steps/s")
+        print(f"  {name:>{width}}: {value:8.0f} steps/s")
     for name, value in ratios.items():
-        print(f"  {name:>30}: {value:.2f}x")
+        print(f"  {name:>{width}}: {value:.2f}x")
     print(f"\nms per update of {per_update} frames (acting incl. env steps / training):")
     for name, split in ms_per_update.items():
-        print(f"  {name:>16}: {split.get('rollout', 0):6.0f} / {split.get('update', 0):6.0f}")
+        print(f"  {name:>{width}}: {split.get('rollout', 0):6.0f} / {split.get('update', 0):6.0f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)

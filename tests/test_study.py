@@ -4,6 +4,7 @@ and resume, and a tiny study end to end on the local backend and on a local Ray 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -336,9 +337,15 @@ def test_bc_rows_take_their_budget_in_gradient_steps_and_need_a_dataset(tmp_path
 
 
 def test_tiny_bc_study_end_to_end(tmp_path, bc_demos, capsys):
-    config = write_config(tmp_path, tiny_bc_study(bc_demos))
+    dataset = tmp_path / "demos"
+    shutil.copytree(bc_demos, dataset)
+    config = write_config(tmp_path, tiny_bc_study(dataset))
     study_dir = tmp_path / "study"
     assert run_compare(["compare", "--config", str(config), "--workers", "2", "--out", str(study_dir)], capsys) == 0
+    # The report re-renders from the run directories alone, after the demonstrations are gone.
+    shutil.rmtree(dataset)
+    (study_dir / "report.json").unlink()
+    assert run_compare(["report", str(study_dir)], capsys) == 0
     report = json.loads((study_dir / "report.json").read_text())
     rows = report["envs"]["redball"]["rows"]
     assert list(rows) == ["tlb-bc", "lstm-bc"] and report["bc_rows"] == ["tlb-bc", "lstm-bc"]

@@ -128,8 +128,13 @@ def _entries(cls: type, items: Any, where: str) -> list:
     return [from_dict(cls, item, f"{where}[{i}]") for i, item in enumerate(items)]
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study config (every run's PPOConfig or BCConfig is checked too)."""
+def load_study(path: str | Path, runnable: bool = True) -> StudyConfig:
+    """Read and validate a study config (every run's PPOConfig or BCConfig is checked too).
+
+    :param runnable: also check what running needs and a report does not: that every env can be made and
+        every BC row's dataset directory exists (a report re-rendered after the demonstrations were deleted
+        must still work).
+    """
     data = load_yaml(path)
     if "envs" not in data:
         raise UserError(f"study config {path} has no 'envs' list")
@@ -141,7 +146,15 @@ def load_study(path: str | Path) -> StudyConfig:
     data.setdefault("name", Path(path).stem)
     study = from_dict(StudyConfig, data, "study")
     _check(study)
-    expand(study)  # validates every run's config now, before any run starts
+    runs = expand(study)  # validates every run's config now, before any run starts
+    if not runnable:
+        return study
+    for run in runs:
+        dataset = run.config.get("dataset") if run.algo == "bc" else None
+        if dataset is not None and not Path(dataset).is_dir():
+            raise UserError(
+                f"BC run {run.run_id}: dataset '{dataset}' is not a directory; make one with `tlb-rl demos`"
+            )
     from envs import make_env
 
     for env in study.envs:  # an unknown env id or option fails here in one line, not in every run twice
@@ -224,8 +237,8 @@ def bc_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, s
             f"{where}: total_frames ({env.total_frames}) and eval_every ({env.eval_every}) must be multiples "
             f"of batch_size * seq_len ({steps}): BC counts them in gradient steps"
         )
-    if not config.dataset or not Path(config.dataset).is_dir():
-        raise UserError(f"{where}: dataset '{config.dataset}' is not a directory; make one with `tlb-rl demos`")
+    if not config.dataset:
+        raise UserError(f"{where}: no dataset; make one with `tlb-rl demos` and set `bc: {{dataset: DIR}}`")
     merged.update(max_updates=env.total_frames // steps, eval_every=env.eval_every // steps)
     return merged
 

@@ -181,6 +181,9 @@ def _run_ray(
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # a local Ray instance with `workers` CPUs
+        # Ray starts its workers at niceness 15, so on a busy machine the runs, which are all the work
+        # there is, would yield to every other process; the local backend's runs keep normal priority too.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=1, max_retries=0)(run_one)
