@@ -14,12 +14,19 @@ processes falls on all cores alike; each figure is the median over ``--repeats``
 
     python benchmarks/cores.py [--repeats 7] [--threads N] [--json-out results.json]
 
+A/B against another version of a core's file, timed in the same interleaved rounds (rows ``NAME@baseline``
+and the ratio current / baseline in the summary):
+
+    git show c2ec7a5:tlb_rl/cores/tlb.py > /tmp/tlb_before.py
+    python benchmarks/cores.py --cores tlb --baseline-file /tmp/tlb_before.py
+
 The JSON goes to stdout (and to ``--json-out``), the human summary to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -88,6 +95,29 @@ def act_case(core: Core, seed: int) -> Callable[[], None]:
     return run
 
 
+def baseline_cores(path: str, names: list[str]) -> dict[str, Core]:
+    """The cores of ``names`` built from the classes that file ``path`` defines, at their default sizes.
+
+    The file is imported as a module, so it may import ``tlb_rl`` (an earlier ``tlb.py`` does); a core is
+    taken when the file defines the class its name is registered with (``RNNCore`` for lstm and gru).
+    """
+    spec = importlib.util.spec_from_file_location("_cores_baseline", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline-file {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found = {}
+    for name in names:
+        reference = make_core(name, INPUT_DIM)
+        cls = getattr(module, type(reference).__name__, None)
+        if isinstance(cls, type) and issubclass(cls, Core):
+            cell = {"cell": name} if name in ("lstm", "gru") else {}
+            found[f"{name}@baseline"] = cls(INPUT_DIM, **cell)
+    if not found:
+        raise SystemExit(f"--baseline-file {path} defines none of the classes of the cores {', '.join(names)}")
+    return found
+
+
 def measure(cases: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
     """Seconds per call of every case, interleaved: each round times every case once."""
     for run in cases.values():
@@ -107,7 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per case, after warm-up (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json-out", default=None, help="also write the JSON to this file (default: stdout only)")
+    parser.add_argument("--cores", default=",".join(CORES), help="comma-separated core names (default: all)")
+    parser.add_argument("--baseline-file", default=None, help="also time the cores this file defines (A/B)")
     args = parser.parse_args(argv)
+    names = args.cores.split(",")
+    unknown = sorted(set(names) - set(CORES))
+    if unknown:
+        parser.error(f"unknown core(s) {', '.join(unknown)}; known: {', '.join(CORES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -116,11 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
     random_starts = torch.rand(TRAIN_B, TRAIN_T, generator=gen) < START_RATE
     no_starts = torch.zeros(TRAIN_B, TRAIN_T, dtype=torch.bool)
 
-    cores = {name: make_core(name, INPUT_DIM) for name in CORES}
-    tlb_params = n_params(cores["tlb"])
-    lstm_h = lstm_hidden_matching(tlb_params)
-    cores["lstm_equal_params"] = make_core("lstm", INPUT_DIM, hidden_size=lstm_h)
-    assert n_params(cores["lstm_equal_params"]) == lstm_params(lstm_h)
+    cores = {name: make_core(name, INPUT_DIM) for name in names}
+    if "tlb" in cores:
+        lstm_h = lstm_hidden_matching(n_params(cores["tlb"]))
+        cores["lstm_equal_params"] = make_core("lstm", INPUT_DIM, hidden_size=lstm_h)
+        assert n_params(cores["lstm_equal_params"]) == lstm_params(lstm_h)
+    if args.baseline_file:
+        cores |= baseline_cores(args.baseline_file, names)
 
     cases: dict[str, Callable[[], None]] = {}
     for key, core in cores.items():
@@ -159,19 +197,16 @@ def main(argv: list[str] | None = None) -> dict:
             "act_step_ms": round(ms[f"{key}/act"] / ACT_STEPS, 4),
             "fwd_bwd_spread_ms_no_starts": round(spread[f"{key}/train_no_starts"], 2),
         }
-    tlb, lstm = result["cores"]["tlb"], result["cores"]["lstm_equal_params"]
-    ratio_no = ms["tlb/train_no_starts"] / ms["lstm_equal_params/train_no_starts"]
-    ratio_st = ms["tlb/train_starts"] / ms["lstm_equal_params/train_starts"]
-    result["tlb_vs_equal_params_lstm"] = {
-        "tlb_params": tlb["params"],
-        "lstm_hidden_size": lstm_h,
-        "lstm_params": lstm["params"],
-        "fwd_bwd_ratio_no_starts": round(ratio_no, 3),
-        "fwd_bwd_ratio_starts": round(ratio_st, 3),
-        "act_step_ratio": round(ms["tlb/act"] / ms["lstm_equal_params/act"], 3),
-        "target_fwd_bwd_ratio": TARGET_RATIO,
-        "meets_target": bool(max(ratio_no, ratio_st) <= TARGET_RATIO),
+    result["vs_baseline"] = {
+        key.removesuffix("@baseline"): {
+            case: round(ms[f"{key.removesuffix('@baseline')}/{case}"] / ms[f"{key}/{case}"], 3)
+            for case in ("train_no_starts", "train_starts", "act")
+        }
+        for key in cores
+        if key.endswith("@baseline")
     }
+    if "tlb" in cores:
+        result["tlb_vs_equal_params_lstm"] = tlb_vs_lstm(result, ms, lstm_h)
 
     text = json.dumps(result, indent=2)
     print(text)
@@ -182,8 +217,24 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def tlb_vs_lstm(result: dict, ms: dict[str, float], lstm_h: int) -> dict:
+    tlb, lstm = result["cores"]["tlb"], result["cores"]["lstm_equal_params"]
+    ratio_no = ms["tlb/train_no_starts"] / ms["lstm_equal_params/train_no_starts"]
+    ratio_st = ms["tlb/train_starts"] / ms["lstm_equal_params/train_starts"]
+    return {
+        "tlb_params": tlb["params"],
+        "lstm_hidden_size": lstm_h,
+        "lstm_params": lstm["params"],
+        "fwd_bwd_ratio_no_starts": round(ratio_no, 3),
+        "fwd_bwd_ratio_starts": round(ratio_st, 3),
+        "act_step_ratio": round(ms["tlb/act"] / ms["lstm_equal_params/act"], 3),
+        "target_fwd_bwd_ratio": TARGET_RATIO,
+        "meets_target": bool(max(ratio_no, ratio_st) <= TARGET_RATIO),
+    }
+
+
 def summarize(result: dict) -> None:
-    s, cmp_ = result["setup"], result["tlb_vs_equal_params_lstm"]
+    s = result["setup"]
     out = sys.stderr
     print(
         f"\nCPU, {s['threads']} torch threads, torch {s['torch']}, median of {s['repeats']} "
@@ -201,6 +252,15 @@ def summarize(result: dict) -> None:
             f"{c['act_step_ms']:>13.3f}",
             file=out,
         )
+    for name, r in result["vs_baseline"].items():
+        print(
+            f"{name} / {name}@baseline: fwd+bwd x{r['train_no_starts']:.2f} without starts, "
+            f"x{r['train_starts']:.2f} with; acting x{r['act']:.2f}",
+            file=out,
+        )
+    if "tlb_vs_equal_params_lstm" not in result:
+        return
+    cmp_ = result["tlb_vs_equal_params_lstm"]
     verdict = "meets" if cmp_["meets_target"] else "misses"
     print(
         f"TLB ({cmp_['tlb_params']:,} params) / LSTM hidden {cmp_['lstm_hidden_size']} "
