@@ -17,7 +17,7 @@ processes falls on all cores alike; each figure is the median over ``--repeats``
 A/B against another version of a core's file, timed in the same interleaved rounds (rows ``NAME@baseline``
 and the ratio current / baseline in the summary):
 
-    git show c2ec7a5:tlb_rl/cores/tlb.py > /tmp/tlb_before.py
+    git show 1602aba~1:tlb_rl/cores/tlb.py > /tmp/tlb_before.py   # TLB before 2026-11-27
     python benchmarks/cores.py --cores tlb --baseline-file /tmp/tlb_before.py
 
 The JSON goes to stdout (and to ``--json-out``), the human summary to stderr.

@@ -129,11 +129,11 @@ def _entries(cls: type, items: Any, where: str) -> list:
 
 
 def load_study(path: str | Path, runnable: bool = True) -> StudyConfig:
-    """Read and validate a study config (every run's PPOConfig or BCConfig is checked too).
+    """Read and validate a study config, and (``runnable``) every run's PPOConfig or BCConfig, env and dataset.
 
-    :param runnable: also check what running needs and a report does not: that every env can be made and
-        every BC row's dataset directory exists (a report re-rendered after the demonstrations were deleted
-        must still work).
+    :param runnable: False for a report: it expands (and so validates) the runs itself, and needs neither
+        the envs nor the BC rows' dataset directories (a report re-rendered after the demonstrations were
+        deleted must still work).
     """
     data = load_yaml(path)
     if "envs" not in data:
@@ -146,9 +146,9 @@ def load_study(path: str | Path, runnable: bool = True) -> StudyConfig:
     data.setdefault("name", Path(path).stem)
     study = from_dict(StudyConfig, data, "study")
     _check(study)
-    runs = expand(study)  # validates every run's config now, before any run starts
     if not runnable:
         return study
+    runs = expand(study)  # validates every run's config now, before any run starts
     for run in runs:
         dataset = run.config.get("dataset") if run.algo == "bc" else None
         if dataset is not None and not Path(dataset).is_dir():

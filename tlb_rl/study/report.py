@@ -180,7 +180,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     if not config_path.exists():
         raise UserError(f"{study_dir} is not a study directory (no study.yaml); run tlb-rl compare first")
     study = load_study(config_path, runnable=False)  # BC datasets may be gone by now; the runs are done
-    specs = expand(study)
+    specs = expand(study)  # validates every run's config
     cells = collect(study, study_dir, specs)
     meta_path = study_dir / "study_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
