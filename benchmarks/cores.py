@@ -95,8 +95,8 @@ def act_case(core: Core, seed: int) -> Callable[[], None]:
     return run
 
 
-def baseline_cores(path: str, names: list[str]) -> dict[str, Core]:
-    """The cores of ``names`` built from the classes that file ``path`` defines, at their default sizes.
+def baseline_cores(path: str, current: dict[str, Core]) -> dict[str, Core]:
+    """The cores of ``current`` built again from the classes that file ``path`` defines, at default sizes.
 
     The file is imported as a module, so it may import ``tlb_rl`` (an earlier ``tlb.py`` does); a core is
     taken when the file defines the class its name is registered with (``RNNCore`` for lstm and gru).
@@ -107,14 +107,13 @@ def baseline_cores(path: str, names: list[str]) -> dict[str, Core]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     found = {}
-    for name in names:
-        reference = make_core(name, INPUT_DIM)
-        cls = getattr(module, type(reference).__name__, None)
+    for name, core in current.items():
+        cls = getattr(module, type(core).__name__, None)
         if isinstance(cls, type) and issubclass(cls, Core):
             cell = {"cell": name} if name in ("lstm", "gru") else {}
             found[f"{name}@baseline"] = cls(INPUT_DIM, **cell)
     if not found:
-        raise SystemExit(f"--baseline-file {path} defines none of the classes of the cores {', '.join(names)}")
+        raise SystemExit(f"--baseline-file {path} defines none of the classes of the cores {', '.join(current)}")
     return found
 
 
@@ -153,12 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
     no_starts = torch.zeros(TRAIN_B, TRAIN_T, dtype=torch.bool)
 
     cores = {name: make_core(name, INPUT_DIM) for name in names}
+    baselines = baseline_cores(args.baseline_file, cores) if args.baseline_file else {}
     if "tlb" in cores:
         lstm_h = lstm_hidden_matching(n_params(cores["tlb"]))
         cores["lstm_equal_params"] = make_core("lstm", INPUT_DIM, hidden_size=lstm_h)
         assert n_params(cores["lstm_equal_params"]) == lstm_params(lstm_h)
-    if args.baseline_file:
-        cores |= baseline_cores(args.baseline_file, names)
+    cores |= baselines
 
     cases: dict[str, Callable[[], None]] = {}
     for key, core in cores.items():
@@ -202,8 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             case: round(ms[f"{key.removesuffix('@baseline')}/{case}"] / ms[f"{key}/{case}"], 3)
             for case in ("train_no_starts", "train_starts", "act")
         }
-        for key in cores
-        if key.endswith("@baseline")
+        for key in baselines
     }
     if "tlb" in cores:
         result["tlb_vs_equal_params_lstm"] = tlb_vs_lstm(result, ms, lstm_h)
