@@ -25,6 +25,7 @@ test: lint
 	$(PY) -m pytest $(ARGS)
 
 bench: setup
+	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/cores.py
 	$(PY) benchmarks/throughput.py
 

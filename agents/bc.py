@@ -162,7 +162,7 @@ class BC:
         self.config = cfg = config
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, cfg.batch_size)
         if spaces is None:
             probe = make_env(cfg.env, **cfg.env_kwargs)
             spaces = (probe.observation_space, probe.action_space)

@@ -106,9 +106,17 @@ def _spec_name(env: Any) -> str:
     return f"{getattr(env, '__module__', '?')}:{getattr(env, '__qualname__', repr(env))}"
 
 
-def resolve_device(name: str) -> torch.device:
+AUTO_CUDA_MIN_BATCH = 32
+"""``device="auto"`` takes the GPU only from this many sequences per step (envs acting, streams training). A
+policy of ~150k parameters is launch-bound on a GPU: on an H200 TLB-PPO with 8 envs ran 765 steps/s on the
+GPU and 742 on the machine's 16 CPU cores, LSTM-PPO no faster either; with 64 envs the GPU pulled ahead."""
+
+
+def resolve_device(name: str, batch: int) -> torch.device:
+    """The torch device for config value ``name`` (auto, cpu, cuda, cuda:N) and ``batch`` sequences per step."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        use_cuda = torch.cuda.is_available() and batch >= AUTO_CUDA_MIN_BATCH
+        return torch.device("cuda" if use_cuda else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -147,7 +155,7 @@ class PPO:
             )
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, cfg.n_envs)
         self.envs: gym.vector.VectorEnv | None = None
         fresh = spaces is None  # not loaded from a checkpoint
         if spaces is None:

@@ -12,7 +12,9 @@ as time ratios. The issue's target: TLB's forward + backward at most 1.5x that L
 All timings are interleaved (each repeat times every case once, in turn) so that load from other
 processes falls on all cores alike; each figure is the median over ``--repeats`` after warm-up.
 
-    python benchmarks/cores.py [--repeats 7] [--threads N] [--json-out results.json]
+    python benchmarks/cores.py [--repeats 7] [--threads N] [--device cuda] [--shape 16x1024] [--json-out r.json]
+
+Settings of one core race as in throughput.py: ``--cores tlb,tlb:slow_update=sequential,lstm``.
 
 A/B against another version of a core's file, timed in the same interleaved rounds (rows ``NAME@baseline``
 and the ratio current / baseline in the summary):
@@ -38,6 +40,7 @@ from collections.abc import Callable
 
 import torch
 
+from tlb_rl.config import apply_overrides
 from tlb_rl.cores import CORES, Core, make_core
 
 INPUT_DIM = 128
@@ -63,18 +66,27 @@ def lstm_hidden_matching(n: int, input_dim: int = INPUT_DIM) -> int:
     return min((max(1, h), h + 1), key=lambda k: abs(lstm_params(k, input_dim) - n))
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_case(core: Core, starts: torch.Tensor, seed: int) -> Callable[[], None]:
-    """One forward + backward over [TRAIN_B, TRAIN_T] from a fresh state (and the core's own loss, as PPO adds)."""
+    """One forward + backward over [B, T] (the shape of ``starts``) from a fresh state (and the core's own loss,
+    as PPO adds it), finished on the device."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(TRAIN_B, TRAIN_T, INPUT_DIM, generator=gen)
-    proj = torch.randn(core.output_dim, generator=gen)
+    device = core.device
+    x = torch.randn(*starts.shape, INPUT_DIM, generator=gen).to(device)
+    proj = torch.randn(core.output_dim, generator=gen).to(device)
+    starts = starts.to(device)
 
     def run() -> None:
         core.zero_grad(set_to_none=True)
-        y, _ = core(x, core.initial_state(TRAIN_B), starts)
+        y, _ = core(x, core.initial_state(starts.shape[0]), starts)
         loss = (y * proj).sum()  # a projection: the sum of a LayerNorm output has no gradient
         aux = core.auxiliary_loss()  # bRSM learns from its own loss; its output is detached by default
         (loss if aux is None else loss + aux).backward()
+        _sync(device)
 
     return run
 
@@ -82,17 +94,26 @@ def train_case(core: Core, starts: torch.Tensor, seed: int) -> Callable[[], None
 def act_case(core: Core, seed: int) -> Callable[[], None]:
     """ACT_STEPS acting steps (T=1 calls) at batch ACT_B, carrying the state."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(ACT_STEPS, ACT_B, 1, INPUT_DIM, generator=gen)
+    device = core.device
+    x = torch.randn(ACT_STEPS, ACT_B, 1, INPUT_DIM, generator=gen).to(device)
     starts = torch.rand(ACT_STEPS, ACT_B, 1, generator=gen) < START_RATE
     starts[0] = True
+    starts = starts.to(device)
 
     def run() -> None:
         with torch.inference_mode():
             state = core.initial_state(ACT_B)
             for t in range(ACT_STEPS):
                 _, state = core(x[t], state, starts[t])
+        _sync(device)
 
     return run
+
+
+def build(spec: str) -> Core:
+    """A core from ``NAME[:key=value...]`` at input width INPUT_DIM."""
+    name, *options = spec.split(":")
+    return make_core(name, INPUT_DIM, **apply_overrides({}, options))
 
 
 def baseline_cores(path: str, current: dict[str, Core]) -> dict[str, Core]:
@@ -136,28 +157,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per case, after warm-up (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json-out", default=None, help="also write the JSON to this file (default: stdout only)")
-    parser.add_argument("--cores", default=",".join(CORES), help="comma-separated core names (default: all)")
+    parser.add_argument(
+        "--cores", default=",".join(CORES), help="comma-separated NAME[:key=value...] (default: every core)"
+    )
     parser.add_argument("--baseline-file", default=None, help="also time the cores this file defines (A/B)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--shape", default=f"{TRAIN_B}x{TRAIN_T}", help="fwd+bwd batch x time (default %(default)s)")
     args = parser.parse_args(argv)
-    names = args.cores.split(",")
-    unknown = sorted(set(names) - set(CORES))
+    specs = args.cores.split(",")
+    unknown = sorted({s.split(":")[0] for s in specs} - set(CORES))
     if unknown:
         parser.error(f"unknown core(s) {', '.join(unknown)}; known: {', '.join(CORES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    B, T = (int(v) for v in args.shape.split("x"))
     torch.manual_seed(0)
 
     gen = torch.Generator().manual_seed(1)
-    random_starts = torch.rand(TRAIN_B, TRAIN_T, generator=gen) < START_RATE
-    no_starts = torch.zeros(TRAIN_B, TRAIN_T, dtype=torch.bool)
+    random_starts = torch.rand(B, T, generator=gen) < START_RATE
+    no_starts = torch.zeros(B, T, dtype=torch.bool)
 
-    cores = {name: make_core(name, INPUT_DIM) for name in names}
+    cores = {spec: build(spec) for spec in specs}
     baselines = baseline_cores(args.baseline_file, cores) if args.baseline_file else {}
     if "tlb" in cores:
         lstm_h = lstm_hidden_matching(n_params(cores["tlb"]))
         cores["lstm_equal_params"] = make_core("lstm", INPUT_DIM, hidden_size=lstm_h)
         assert n_params(cores["lstm_equal_params"]) == lstm_params(lstm_h)
     cores |= baselines
+    cores = {k: c.to(device) for k, c in cores.items()}
 
     cases: dict[str, Callable[[], None]] = {}
     for key, core in cores.items():
@@ -172,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "setup": {
             "input_dim": INPUT_DIM,
-            "train_shape": [TRAIN_B, TRAIN_T],
+            "train_shape": [B, T],
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "act_batch": ACT_B,
             "act_steps_per_repeat": ACT_STEPS,
             "episode_start_rate": round(START_RATE, 4),
@@ -235,7 +264,7 @@ def summarize(result: dict) -> None:
     s = result["setup"]
     out = sys.stderr
     print(
-        f"\nCPU, {s['threads']} torch threads, torch {s['torch']}, median of {s['repeats']} "
+        f"\n{s['device']}, {s['threads']} torch threads, torch {s['torch']}, median of {s['repeats']} "
         f"(1-min load average before: {s['load_average_1min_before']})",
         file=out,
     )

@@ -7,7 +7,12 @@ shared 2-core VM drifts by up to ~1.6x) slows every agent of that round, not one
 measurement. The summary gives the median over rounds, and for our agents the milliseconds per update
 spent acting (env steps included) and training.
 
-    python benchmarks/throughput.py [--frames 12288] [--rounds 3] [--agents tlb,lstm,recurrentppo,ppo_mlp]
+    python benchmarks/throughput.py [--frames 12288] [--rounds 3] [--agents tlb,lstm,none,recurrentppo,ppo_mlp]
+                                    [--device cuda] [--n-envs 64]
+
+Ratios are given for every TLB agent against every other agent in the run. ``--device`` moves our agents'
+policy (SB3's peers stay on the CPU, where they are faster for these sizes); ``--n-envs`` changes the
+number of envs of every agent.
 
 An agent of ours may carry core hyperparameters, so that two settings of one core race in one run:
 ``--agents tlb,tlb:chunk_size=16,ppo_mlp`` (each ``key=value`` after a colon goes to ``core_kwargs``).
@@ -39,26 +44,28 @@ def _sb3_env() -> gym.Env:
     return gym.wrappers.FlattenObservation(ImgObsWrapper(gym.make(ENV_ID, agent_view_size=3)))
 
 
-def _sb3_trainer(algo: str) -> Callable[[int], None]:
+def _sb3_trainer(algo: str, settings: dict[str, int]) -> Callable[[int], None]:
     """A warmed-up SB3 model; the returned function trains it for that many more frames."""
     from sb3_contrib import RecurrentPPO
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.logger import Logger
 
-    env = make_vec_env(_sb3_env, n_envs=SETTINGS["n_envs"], seed=0)
-    kwargs = {k: SETTINGS[k] for k in ("n_steps", "batch_size", "n_epochs")}
+    env = make_vec_env(_sb3_env, n_envs=settings["n_envs"], seed=0)
+    kwargs = {k: settings[k] for k in ("n_steps", "batch_size", "n_epochs")}
     model = (
         RecurrentPPO("MlpLstmPolicy", env, device="cpu", **kwargs)
         if algo == "recurrentppo"
         else PPO("MlpPolicy", env, device="cpu", **kwargs)
     )
     model.set_logger(Logger(folder=None, output_formats=[]))  # the default makes a temp folder per learn()
-    model.learn(SETTINGS["n_envs"] * SETTINGS["n_steps"])
+    model.learn(settings["n_envs"] * settings["n_steps"])
     return lambda frames: model.learn(frames, reset_num_timesteps=False)
 
 
-def _our_trainer(spec: str, seq_len: int | None, split: dict[str, float]) -> Callable[[int], None]:
+def _our_trainer(
+    spec: str, seq_len: int | None, split: dict[str, float], settings: dict[str, int], device: str
+) -> Callable[[int], None]:
     """A warmed-up PPO of ours; the returned function trains it for that many more frames.
 
     ``split`` accumulates the timed updates' seconds of acting (rollout, env steps included) and of training.
@@ -78,13 +85,13 @@ def _our_trainer(spec: str, seq_len: int | None, split: dict[str, float]) -> Cal
         core=core,
         core_kwargs=apply_overrides({}, options),
         env_kwargs={"view_size": 3},
-        device="cpu",
+        device=device,
         seq_len=seq_len,
         eval_every=0,
         vectorization="sync",
-        **SETTINGS,
+        **settings,
     )
-    model.learn(SETTINGS["n_envs"] * SETTINGS["n_steps"], progress=False)
+    model.learn(settings["n_envs"] * settings["n_steps"], progress=False)
     return lambda frames: model.learn(model.frames + frames, callback=record, progress=False)
 
 
@@ -105,11 +112,14 @@ def main() -> None:
         help="our agents' training segment length (default: whole rollouts, n_steps)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="our agents' device: cpu or cuda (default cpu)")
+    parser.add_argument("--n-envs", type=int, default=SETTINGS["n_envs"], help="envs per agent (default %(default)s)")
     parser.add_argument("--json-out", help="also write the JSON here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    per_update = SETTINGS["n_envs"] * SETTINGS["n_steps"]
+    settings = {**SETTINGS, "n_envs": args.n_envs, "batch_size": SETTINGS["batch_size"] * args.n_envs // 8}
+    per_update = settings["n_envs"] * settings["n_steps"]
     frames = max(per_update, args.frames // args.rounds // per_update * per_update)  # whole updates per turn
 
     specs = args.agents.split(",")
@@ -117,7 +127,9 @@ def main() -> None:
     names = [a if a in PEERS else "{}_ppo{}{}".format(*a.partition(":")) for a in specs]
     splits: dict[str, dict[str, float]] = {name: {} for name in names if name not in PEERS}
     trainers = {
-        name: _sb3_trainer(agent) if agent in PEERS else _our_trainer(agent, args.seq_len, splits[name])
+        name: _sb3_trainer(agent, settings)
+        if agent in PEERS
+        else _our_trainer(agent, args.seq_len, splits[name], settings, args.device)
         for name, agent in zip(names, specs, strict=True)
     }
     rounds: list[dict[str, float]] = []
@@ -130,7 +142,7 @@ def main() -> None:
         rounds.append(fps)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in fps.items()), flush=True)
 
-    pairs = [(ours, peer) for ours in splits for peer in PEERS if peer in names]
+    pairs = [(a, b) for a in names if a.startswith("tlb") for b in names if b != a]
     steps_per_s = {name: statistics.median(fps[name] for fps in rounds) for name in names}
     ratios = {f"{a}/{b}": statistics.median(fps[a] / fps[b] for fps in rounds) for a, b in pairs}
     # Where our agents' time goes, in ms per update (n_envs * n_steps frames), over all timed rounds.
@@ -141,8 +153,9 @@ def main() -> None:
     result = {
         "env": ENV_ID,
         "view_size": 3,
-        **SETTINGS,
-        "seq_len": args.seq_len or SETTINGS["n_steps"],
+        **settings,
+        "device": args.device,
+        "seq_len": args.seq_len or settings["n_steps"],
         "frames_per_turn": frames,
         "rounds": rounds,
         "torch_threads": torch.get_num_threads(),

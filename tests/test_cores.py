@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import tlb_rl.cores.tlb as tlb_module
 from tlb_rl.cores import CORES, Core, State, make_core
 from tlb_rl.errors import UserError
 
@@ -19,10 +21,13 @@ IN = 5  # input width of every core built here
 ATOL = 1e-5
 
 # Small configurations; every registered core appears at least once (checked below). The TLB ones cover
-# K = 1 (every step completes a chunk), uneven K, several cross-attention stages, and the residual
-# (ungated, the paper's) slow update besides the default gated one.
+# K = 1 (every step completes a chunk), uneven K, several cross-attention stages, the residual (ungated, the
+# paper's) slow update besides the gated one, and the parallel slow update.
 CONFIGS: dict[str, tuple[str, dict]] = {
     "tlb-K1": ("tlb", dict(d_model=16, chunk_size=1, n_slow=2, n_heads=2)),
+    "tlb-K1-parallel": ("tlb", dict(d_model=16, chunk_size=1, n_slow=2, n_heads=2, slow_update="parallel")),
+    "tlb-K3-parallel": ("tlb", dict(d_model=16, chunk_size=3, n_slow=3, n_heads=2, slow_update="parallel")),
+    "tlb-K4-sequential": ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2, slow_update="sequential")),
     "tlb-K3-residual": ("tlb", dict(d_model=16, chunk_size=3, n_slow=3, n_heads=2, gated=False)),
     "tlb-K4": ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2)),
     "tlb-K4-L3R1-gated": (
@@ -130,7 +135,8 @@ def test_one_call_equals_many_calls(config, warm):
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_initial_state_equals_an_episode_start(config):
-    """A fresh state with no start flag at t=0 behaves like an explicit episode start at t=0."""
+    """A fresh state with no start flag at t=0 behaves like an explicit episode start at t=0 (from a state at a
+    chunk boundary: TLB's chunks follow the env's step clock, which an episode start does not move)."""
     core = build(config)
     B, T = 3, 11
     x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(3))
@@ -139,7 +145,7 @@ def test_initial_state_equals_an_episode_start(config):
         y0, s0 = core(x, core.initial_state(B), no_starts)
         flagged = no_starts.clone()
         flagged[:, 0] = True
-        y1, s1 = core(x, warm_state(core, B, 7, seed=4), flagged)
+        y1, s1 = core(x, warm_state(core, B, 60, seed=4), flagged)  # 60: a multiple of every K here
     torch.testing.assert_close(y0, y1, atol=ATOL, rtol=0)
     assert_states_close(s0, s1)
 
@@ -349,7 +355,7 @@ def test_tlb_inside_a_chunk_only_earlier_steps_matter(config):
     x = torch.randn(2, T, IN, generator=torch.Generator().manual_seed(15))
     starts = torch.zeros(2, T, dtype=torch.bool)
     starts[:, [0, K + 2]] = True  # the second episode starts in the middle of chunk 1 (for K > 2)
-    chunk_start = [t // K * K if t < K + 2 else K + 2 + (t - K - 2) // K * K for t in range(T)]
+    chunk_start = [max(t // K * K, K + 2) if t >= K + 2 else t // K * K for t in range(T)]  # first step it sees
     for t in range(T):
         grad = _input_grad(core, x, starts, 0, t)
         assert torch.count_nonzero(grad[0, t + 1 :]) == 0, f"step {t}: a future input has influence"
@@ -373,9 +379,10 @@ def _slow_trajectory(core: Core, starts: torch.Tensor, seed: int):
     return torch.stack(slows, 1), torch.stack(lens, 1)  # [B, T, N, D], [B, T]
 
 
-@pytest.mark.parametrize("config", ["tlb-K3-residual", "tlb-K4", "tlb-K4-L3R1-gated"])
+@pytest.mark.parametrize("config", ["tlb-K3-residual", "tlb-K3-parallel", "tlb-K4", "tlb-K4-L3R1-gated"])
 def test_tlb_slow_state_changes_exactly_when_a_chunk_completes(config):
-    """Chunks count from the episode start: after a reset at step 3, slow updates come at 3+K-1, 3+2K-1 ..."""
+    """Chunks follow the step clock: slow updates come at steps K-1, 2K-1, ... whatever the episodes do. An
+    episode start resets the slow vectors; the update that follows reads the new episode's steps only."""
     core = build(config)
     K, T, reset_at = core.K, 14, 3
     starts = torch.zeros(2, T, dtype=torch.bool)
@@ -383,26 +390,27 @@ def test_tlb_slow_state_changes_exactly_when_a_chunk_completes(config):
     starts[1, reset_at] = True
     slows, lens = _slow_trajectory(core, starts, seed=16)
     init = core.slow_init.detach()
-    completes = [
-        {t for t in range(T) if t % K == K - 1},  # row 0: chunks from step 0
-        {t for t in range(reset_at) if t % K == K - 1}  # row 1: chunks from step 0, then from the reset
-        | {t for t in range(reset_at, T) if (t - reset_at) % K == K - 1},
-    ]
+    completes = {t for t in range(T) if t % K == K - 1}
     for b in range(2):
         previous = init
         for t in range(T):
-            if b == 1 and t == reset_at and t not in completes[b]:
+            if b == 1 and t == reset_at and t not in completes:
                 assert torch.equal(slows[b, t], init), "the reset must restore the learned initial slow state"
             else:
                 changed = not torch.equal(slows[b, t], previous)
-                assert changed == (t in completes[b]), f"row {b} step {t}: slow state changed={changed}"
+                assert changed == (t in completes), f"row {b} step {t}: slow state changed={changed}"
             previous = slows[b, t]
-    # the reset drops the chunk in progress; the next update comes K steps after the reset, not before
-    assert all(torch.equal(slows[1, t], init) for t in range(reset_at, reset_at + K - 1))
-    assert lens[0].tolist() == [(t + 1) % K for t in range(T)]
-    assert lens[1].tolist() == [(t + 1) % K for t in range(reset_at)] + [
-        (t - reset_at + 1) % K for t in range(reset_at, T)
-    ]
+        assert lens[b].tolist() == [(t + 1) % K for t in range(T)], "an episode start must not move the clock"
+    next_update = reset_at + (K - 1 - reset_at % K)
+    assert all(torch.equal(slows[1, t], init) for t in range(reset_at, next_update))
+    # What the first update after the reset reads: the new episode's steps of that chunk, not the old one's.
+    x = torch.randn(1, T, IN, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        _, a = core(x[:, : next_update + 1], core.initial_state(1), starts[1:, : next_update + 1])
+        other = x.clone()
+        other[:, :reset_at] = 0.0
+        _, b = core(other[:, : next_update + 1], core.initial_state(1), starts[1:, : next_update + 1])
+    torch.testing.assert_close(a["slow"], b["slow"], atol=ATOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -546,3 +554,82 @@ def test_memory_cores_learn_to_recall_for_other_seeds(case, seed, one_thread):
 def test_no_memory_core_cannot_recall(one_thread):
     acc = recall_accuracy("none", dict(hidden_size=32), delay=24, steps=300, lr=1e-2)
     assert acc < 0.35, f"a core without memory recalled with accuracy {acc:.3f} (chance 0.25)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# TLB's computation has a static shape: no host syncs, the same ops whatever the episode starts
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _training_pass_ops(core: Core, starts: torch.Tensor) -> list[str]:
+    B, T = starts.shape
+    x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(21))
+    core.zero_grad(set_to_none=True)
+    with _OpRecorder() as rec:
+        y, _ = core(x, core.initial_state(B), starts)
+        projection_loss(y).backward()
+    return rec.ops
+
+
+@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-sequential", "tlb-K3-parallel"])
+def test_tlb_training_pass_runs_the_same_ops_whatever_the_episode_starts(config):
+    """No host sync (``.item()``, ``bool(tensor)``) and no data-dependent branch in forward or backward: the op
+    sequence is fixed by the shapes, so the pass can be captured as a CUDA graph, and its cost does not grow
+    with the number of episodes in a batch."""
+    core = build(config).train()
+    B, T = 3, 19
+    gen = torch.Generator().manual_seed(22)
+    none = torch.zeros(B, T, dtype=torch.bool)
+    many = random_starts(B, T, 0.4, gen)
+    ops = _training_pass_ops(core, none)
+    assert "aten._local_scalar_dense" not in ops, "a host sync in the training pass"
+    assert ops == _training_pass_ops(core, many)
+
+
+@pytest.mark.parametrize("config", TLB_CONFIGS)
+def test_tlb_long_calls_in_several_attention_blocks_equal_stepping(config, monkeypatch):
+    """A call longer than BLOCK steps attends block by block; blocks of 5 steps (not a multiple of any K here)
+    cut chunks and episodes anywhere."""
+    monkeypatch.setattr(tlb_module, "BLOCK", 5)
+    core = build(config)
+    B, T = 4, 29
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(B, T, IN, generator=gen)
+    starts = _scenario_starts(B, T, gen)
+    state0 = warm_state(core, B, 7, seed=24)
+    with torch.no_grad():
+        y_all, s_all = core(x, state0, starts)
+        y, s = run_pieces(core, x, starts, state0, [1] * T)
+    torch.testing.assert_close(y, y_all, atol=ATOL, rtol=0)
+    assert_states_close(s, s_all)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-sequential", "tlb-K3-parallel", "lstm", "gru"])
+def test_cuda_matches_cpu_and_stepping(config):
+    """On a GPU the sequence path (one call) and the acting path (T one-step calls) give the CPU's results."""
+    core = build(config)
+    B, T = 6, 23
+    gen = torch.Generator().manual_seed(25)
+    x = torch.randn(B, T, IN, generator=gen)
+    starts = _scenario_starts(B, T, gen)
+    state0 = warm_state(core, B, 9, seed=26)
+    with torch.no_grad():
+        y_cpu, s_cpu = core(x, state0, starts)
+        gpu = core.to("cuda")
+        state_gpu = {k: v.cuda() for k, v in state0.items()}
+        y_all, s_all = gpu(x.cuda(), state_gpu, starts.cuda())
+        y_step, s_step = run_pieces(gpu, x.cuda(), starts.cuda(), state_gpu, [1] * T)
+    torch.testing.assert_close(y_all.cpu(), y_cpu, atol=1e-4, rtol=0)
+    torch.testing.assert_close(y_step, y_all, atol=1e-4, rtol=0)
+    assert_states_close({k: v.cpu() for k, v in s_all.items()}, s_cpu, atol=1e-4)
+    assert_states_close(s_step, s_all, atol=1e-4)

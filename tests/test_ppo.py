@@ -10,7 +10,7 @@ import torch
 from agents import PPO
 from agents.buffer import RolloutBuffer, compute_gae
 from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE
-from agents.ppo import _EpisodeStats
+from agents.ppo import AUTO_CUDA_MIN_BATCH, _EpisodeStats, resolve_device
 from tlb_rl.cores import CORES
 from tlb_rl.errors import UserError
 
@@ -228,3 +228,14 @@ def test_bad_hyperparameters_are_user_errors():
         PPO("tmaze", learning_rate="fast")
     with pytest.raises(UserError, match="seq_len"):
         PPO("tmaze", n_steps=10, seq_len=4, batch_size=8)
+
+
+def test_auto_device_takes_a_gpu_only_for_large_batches(monkeypatch):
+    assert resolve_device("auto", 64).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", AUTO_CUDA_MIN_BATCH - 1).type == "cpu"
+    assert resolve_device("auto", AUTO_CUDA_MIN_BATCH).type == "cuda"
+    assert resolve_device("cpu", 1024).type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        resolve_device("cuda", 8)

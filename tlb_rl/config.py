@@ -127,7 +127,8 @@ class AgentConfig:
     seed: int = 0
     """Seeds torch and the agent's sampling and shuffling (and for PPO the envs: env i gets seed + i)."""
     device: str = "auto"
-    """``auto`` picks CUDA when there is one."""
+    """``cpu``, ``cuda`` or ``auto``: CUDA when there is one and at least 32 sequences run per step (PPO's
+    ``n_envs``, BC's ``batch_size``); below that a small policy is launch-bound and no faster on a GPU."""
     torch_threads: int | None = None
     """``torch.set_num_threads`` (None: torch's default)."""
     run_dir: str | None = None

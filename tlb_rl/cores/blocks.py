@@ -1,10 +1,20 @@
-"""Pre-LayerNorm Transformer pieces shared by the attention cores (nanoGPT-style, with cross-attention)."""
+"""Pre-LayerNorm Transformer pieces shared by the attention cores (nanoGPT-style, with cross-attention).
+
+A block's forward is one path through it; cores that lay out queries and keys their own way (TLB's chunks
+and cache) use the same steps through the methods below, so a change to a block reaches every core.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[N, S, D] -> [N, H, S, D/H]"""
+    N, S, D = x.shape
+    return x.view(N, S, n_heads, D // n_heads).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -19,20 +29,31 @@ class Attention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        kv: torch.Tensor,
-        mask: torch.Tensor | None = None,
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys/values [N, S, 2D] -> keys and values [N, H, S, D/H]."""
+        return split_heads(kv, 2 * self.n_heads).chunk(2, dim=1)
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        B, Tq, D = q.shape
-        H = self.n_heads
-        query = self.q(q).view(B, Tq, H, D // H).transpose(1, 2)  # [B, H, Tq, D/H]
-        key, value = self.kv(kv).view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x [B, H, Tk, D/H]
+        """Projected queries [N, S, D] over keys/values [N, H, Sk, D/H] -> out-projected [N, S, D].
+
+        Inputs are 3-D/4-D because CPU ``scaled_dot_product_attention`` takes its fused path only for
+        [batch, heads, seq, dim]. ``mask``: bool (True = may attend) or additive float, broadcast to
+        [N, H, S, Sk].
+        """
+        N, S, D = query.shape
         y = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(B, Tq, D))
+            split_heads(query, self.n_heads),
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # [N, H, S, D/H]
+        return self.out(y.transpose(1, 2).reshape(N * S, D)).view(N, S, D)  # a 2-D linear: one kernel
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(self.q(q), *self.keys_values(self.kv(kv)), mask)
 
 
 class MLP(nn.Sequential):
@@ -60,11 +81,39 @@ class Block(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: int = 4, dropout: float = 0.0, cross: bool = False):
         super().__init__()
+        self.cross = cross
         self.ln_q = nn.LayerNorm(d_model)
         self.ln_kv = nn.LayerNorm(d_model) if cross else None
         self.attn = Attention(d_model, n_heads, dropout)
         self.ln_mlp = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio, dropout)
+
+    def self_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention: projected queries [..., D] and keys/values [..., 2D] of the tokens ``x``."""
+        a = self.ln_q(x)
+        return self.attn.q(a), self.attn.kv(a)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Cross-attention: projected queries [..., D] of the tokens ``x``."""
+        return self.attn.q(self.ln_q(x))
+
+    def context(self, context: torch.Tensor) -> torch.Tensor:
+        """Cross-attention: projected keys/values [..., 2D] of the vectors attended to."""
+        assert self.ln_kv is not None, "a self-attention block has no context"
+        return self.attn.kv(self.ln_kv(context))
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attn.keys_values(kv)
+
+    def attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the attention adds to the tokens whose projected ``query`` [N, S, D] reads ``key``/``value``."""
+        return self.attn.attend(query, key, value, mask)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP half of the block, residual included."""
+        return x + self.mlp(self.ln_mlp(x))
 
     def forward(
         self,
@@ -72,7 +121,8 @@ class Block(nn.Module):
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        q = self.ln_q(x)
-        kv = q if self.ln_kv is None else self.ln_kv(context)
-        x = x + self.attn(q, kv, mask=mask)
-        return x + self.mlp(self.ln_mlp(x))
+        if self.cross:
+            query, kv = self.query(x), self.context(context)
+        else:
+            query, kv = self.self_projections(x)
+        return self.feed_forward(x + self.attention(query, *self.keys_values(kv), mask))

@@ -2,23 +2,32 @@
 
 Fast stream: Transformer layers over the steps of the current chunk of K steps, causal inside the chunk;
 every R-th layer is followed by a cross-attention from the chunk's tokens to the slow vectors.
-Slow stream: N vectors, updated when a chunk completes by a cross-attention from the slow vectors to the
-chunk's tokens (+ MLP), through a learned gate (or residually, as in the paper, with ``gated=False``).
-Chunks count from the episode start; an episode start resets the slow vectors to a learned value.
+Slow stream: N vectors, updated when a chunk completes by reading the chunk's tokens.
 
-How it is made fast (the reason this file is not a textbook transcription):
+Chunks follow each env's step clock: step t of a row is position ``t mod K`` of its chunk, whatever the
+episodes do. An episode start resets the slow vectors to a learned value and masks what came before it:
+the fast attention of later steps, and the slow update of the chunk. So the number of chunks in a call
+depends on T alone, every env completes a chunk on the same steps, and nothing in the computation depends
+on the data's values: no host syncs, static shapes (graph capture and ``fullgraph`` compilation work).
+Counting chunks from each episode start instead made MemoryS7's ~6-step episodes double the chunk count
+of a 128-step segment and run a slow update on most acting steps (envs completed chunks out of phase).
 
-- The slow update reads the chunk's tokens as the first R layers leave them, before they meet the slow
-  state. The paper's update reads the last fast layer, which makes every fast layer after the first
-  cross-attention part of the sequential recurrence. Reading the early tokens keeps the loop over chunks
-  down to the slow update alone (N vectors attend K keys); every token-wise layer runs once, batched over
-  all T steps.
-- Token-wise work (projections, MLPs) runs on the [B, T] steps of the call; only attention uses a chunk
-  layout [B, C, K]. The keys/values of the current chunk's earlier steps are kept in the state, so acting
-  one step costs one token's projections plus attention over at most K keys.
+Two slow updates:
+
+- ``slow_update="sequential"`` (the paper's): the slow vectors query the chunk (cross-attention + MLP),
+  gated or residual. Its queries depend on the slow state, so chunks are read one after another.
+- ``slow_update="parallel"`` (default): learned queries read every chunk at once, and a learned gate per
+  slow vector mixes the result in, ``s_c = g_c * s_{c-1} + (1 - g_c) * u_c``: a linear recurrence, computed
+  for all chunks as one [C, C] matrix product.
+
+The slow update reads the chunk's tokens as the first R layers leave them, before they meet the slow
+state (the paper's reads the last fast layer, which would put every later fast layer inside the
+recurrence), so every token-wise layer runs once, batched over all T steps.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,45 +36,24 @@ from torch import nn
 from tlb_rl.cores.base import Core, State, check_inputs, check_sizes
 from tlb_rl.cores.blocks import Block
 
-
-def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[..., S, D] -> [..., H, S, D/H]"""
-    *lead, S, D = x.shape
-    return x.view(*lead, S, n_heads, D // n_heads).transpose(-2, -3)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    """[..., H, S, D/H] -> [..., S, D]"""
-    *lead, H, S, d = x.shape
-    return x.transpose(-2, -3).reshape(*lead, S, H * d)
+SLOW_UPDATES = ("sequential", "parallel")
+BLOCK = 128
+"""Steps per attention block of a long call: a step's keys (its chunk) lie within its block's P steps and the
+K before them, so attention costs T * (P + K), not T^2, while a call of up to BLOCK steps is one block."""
 
 
-class _Layout:
-    """Where each step of a call sits in a chunk layout [B, C, K], and the cached keys of earlier steps."""
-
-    def __init__(self, slot: torch.Tensor, B: int, C: int, K: int):
-        self.slot, self.B, self.C, self.K = slot, B, C, K  # slot: [B, T] = chunk * K + position
-
-    def scatter(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Steps [B, T, F] -> [B, C, K, F]; ``prefix`` [B, K-1, F] fills chunk 0's first slots (earlier steps)."""
-        B, C, K = self.B, self.C, self.K
-        base = x.new_zeros(B, C * K, x.shape[-1])
-        if prefix is not None:
-            base = torch.cat([prefix.to(x.dtype), base[:, K - 1 :]], 1)
-        idx = self.slot[..., None].expand(-1, -1, x.shape[-1])
-        return base.scatter(1, idx, x).view(B, C, K, -1)
-
-    def gather(self, y: torch.Tensor) -> torch.Tensor:
-        """[B, C, K, F] -> the steps' rows [B, T, F]."""
-        y = y.reshape(self.B, self.C * self.K, -1)
-        return y.gather(1, self.slot[..., None].expand(-1, -1, y.shape[-1]))
+def _windows(x: torch.Tensor, size: int, step: int) -> torch.Tensor:
+    """Windows of ``size`` rows every ``step`` rows of x [B, L, F] -> [B * n, size, F] (a copy unless n = 1)."""
+    if x.shape[1] == size:
+        return x
+    return x.unfold(1, size, step).transpose(2, 3).flatten(0, 1)
 
 
 class TLBCore(Core):
     """Temporal Latent Bottleneck core.
 
-    The defaults (width 64, K = N = 8, two fast layers, MLP ratio 2, gated update) have about as many
-    parameters as the default LSTM core (hidden 128): ~152k against ~132k with 128 inputs.
+    The defaults (width 64, K = N = 8, two fast layers, MLP ratio 2, parallel slow update) have about as
+    many parameters as the default LSTM core (hidden 128): ~152k against ~132k with 128 inputs.
 
     :param input_dim: width of the inputs.
     :param d_model: width of fast tokens and slow vectors; also the output width.
@@ -76,11 +64,13 @@ class TLBCore(Core):
     :param n_heads: attention heads.
     :param mlp_ratio: hidden width of the MLPs as a multiple of ``d_model``.
     :param dropout: dropout in the MLPs.
-    :param gated: gate the slow update (default) instead of adding it residually. Measured with PPO on the
-        passive T-maze, corridor 50, n_steps 256, 300k frames: the residual update first reached 0.9
-        validation success at 82k frames for seed 1 and never for seed 0; the gated one at 82k (seed 0) and
-        41k (seed 1). Residual updates let the slow vectors' norm grow with every chunk, so a cue written
-        early is diluted by what comes after; the gate can keep it.
+    :param gated: sequential update only: mix the update into the slow vectors through a learned gate
+        (default) instead of adding it residually, as the paper does; residual updates let the slow
+        vectors' norm grow with every chunk (measurements in docs/benchmarks.md).
+    :param slow_update: ``"parallel"`` (learned queries read every chunk at once; a learned gate per slow
+        vector mixes the result in, a linear recurrence computed as one matrix product) or ``"sequential"``
+        (the paper's: the slow vectors query each chunk in turn). Speed and learning of both in
+        docs/benchmarks.md.
     """
 
     def __init__(
@@ -95,6 +85,7 @@ class TLBCore(Core):
         mlp_ratio: int = 2,
         dropout: float = 0.0,
         gated: bool = True,
+        slow_update: str = "parallel",
     ):
         super().__init__()
         check_sizes(
@@ -107,8 +98,11 @@ class TLBCore(Core):
         )
         if not 1 <= cross_every <= n_layers:
             raise ValueError(f"cross_every must be in [1, n_layers={n_layers}], got {cross_every}")
+        if slow_update not in SLOW_UPDATES:
+            raise ValueError(f"slow_update must be one of {', '.join(SLOW_UPDATES)}, got {slow_update!r}")
         self.input_dim, self.output_dim = input_dim, d_model
-        self.K, self.N, self.H, self.R = chunk_size, n_slow, n_heads, cross_every
+        self.K, self.N, self.R = chunk_size, n_slow, cross_every
+        self.parallel = slow_update == "parallel"
         self.proj = nn.Linear(input_dim, d_model)
         self.pos = nn.Parameter(torch.randn(chunk_size, d_model) * 0.02)
         self.slow_init = nn.Parameter(torch.randn(n_slow, d_model) * 0.02)
@@ -120,19 +114,32 @@ class TLBCore(Core):
                 layers.append(Block(d_model, n_heads, mlp_ratio, dropout, cross=True))
         self.layers = nn.ModuleList(layers)
         self.update = Block(d_model, n_heads, mlp_ratio, dropout, cross=True)
-        # The gate lets a slot keep its content instead of always adding to it.
-        self.gate = nn.Linear(2 * d_model, d_model) if gated else None
+        if self.parallel:
+            self.slow_query = nn.Parameter(torch.randn(n_slow, d_model) * 0.02)
+            self.gate = nn.Linear(d_model, 1)  # per slow vector, from what the chunk wrote: how much of the old to keep
+        else:  # the gate lets a slot keep its content instead of always adding to it
+            self.gate = nn.Linear(2 * d_model, d_model) if gated else None
         self.ln_out = nn.LayerNorm(d_model)
         self.n_cached = n_layers + 1  # keys/values of every self-attention block, and of the slow update
+        # The acting step's masks, looked up by (position q, episode's first slot e): one op each instead of five.
+        k = torch.arange(chunk_size)
+        visible = (k <= k[:, None, None]) & (k >= k[:, None])  # [q, e, key]: e <= key <= q
+        self.register_buffer("_visible", visible, persistent=False)
+        # what the next step keeps: nothing after the chunk's last step
+        self.register_buffer("_kept", visible & (k < chunk_size - 1)[:, None, None], persistent=False)
+        self.register_buffer("_write", torch.eye(chunk_size, dtype=torch.bool)[..., None], persistent=False)
+        self.register_buffer("_next", (k + 1) % chunk_size, persistent=False)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         D, device = self.output_dim, device or self.device
         return {
             "slow": self.slow_init.detach().to(device).expand(batch_size, -1, -1).clone(),  # [B, N, D]
-            # keys/values of the current chunk's earlier steps (slot = position in the chunk; K slots, so the
-            # acting step writes its own into the chunk in place), per self-attention block and slow update
+            # keys/values of the current chunk's earlier steps of this episode (slot = position in the chunk;
+            # K slots, so the acting step writes its own in place), per self-attention block and slow update
             "kv": torch.zeros(batch_size, self.n_cached, self.K, 2 * D, device=device),
-            "chunk_len": torch.zeros(batch_size, dtype=torch.long, device=device),  # steps of it seen
+            "chunk_len": torch.zeros(batch_size, dtype=torch.long, device=device),  # steps of the chunk seen
+            # the first slot of the chunk that belongs to the current episode (0: it began before the chunk)
+            "ep_start": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
 
     def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -140,158 +147,227 @@ class TLBCore(Core):
         B, T, _ = x.shape
         if T == 1:
             return self._step(x, state, episode_starts[:, 0].bool())
-        K = self.K
-        starts = episode_starts.bool()
-        chunk_len = state["chunk_len"]
+        K, N, dev = self.K, self.N, x.device
+        # The call in nb blocks of P steps (a multiple of K; padded steps at the end are computed and dropped).
+        # Key j of the sequence [cached K slots, L steps] sits at slot j (cache) or clock + j - K (step j - K),
+        # slots counted from the start of the chunk in progress when the call began.
+        nb = math.ceil(T / BLOCK)
+        P = K * math.ceil(math.ceil(T / nb) / K)
+        L, C = nb * P, (T + K - 2) // K + 1  # C: the chunks the call can touch, whatever the clock
+        clock = state["chunk_len"][:, None]
+        slot = clock + torch.arange(L, device=dev)  # [B, L]
+        chunk_start = slot // K * K
+        starts = F.pad(episode_starts.bool(), (0, L - T)) if L > T else episode_starts.bool()
+        last = torch.where(starts, slot, -1).cummax(1).values  # slot of the latest episode start in the call
+        # The first slot a step may attend to: its chunk's, its episode's, or the incoming state's episode's.
+        first = torch.maximum(torch.maximum(chunk_start, last), state["ep_start"][:, None])
+        fresh = last >= chunk_start  # the step's episode began in its chunk: it reads the initial slow vectors
 
-        # Position of each step in its chunk, and its chunk's index within this call (0 = the chunk that
-        # was in progress when the call began, if any).
-        t = torch.arange(T, device=x.device)
-        last_start = torch.where(starts, t, -1).cummax(1).values  # [B, T]
-        q = torch.where(last_start >= 0, t - last_start, chunk_len[:, None] + t) % K
-        seg = (q == 0).cumsum(1) - (chunk_len[:, None] == 0).long()
-        C = int(seg[:, -1].max()) + 1
-        layout = _Layout(seg * K + q, B, C, K)
-        flags = layout.scatter(torch.stack([starts, q == K - 1], -1).float()).bool()  # [B, C, K, 2]
-        reset = flags[:, :, 0, 0]  # [B, C] the chunk opens an episode
-        complete = flags[:, :, K - 1, 1]  # [B, C] the chunk has all K steps
+        j = torch.arange(nb, device=dev)[:, None] * P + torch.arange(P + K, device=dev)  # [nb, P + K] window keys
+        key_slot = torch.where(j < K, j, clock[..., None] + j - K)  # [B, nb, P + K]
+        key_real = (j >= K) | (j < clock[..., None])  # cache slots past the clock are empty
+        q_slot, q_first = slot.view(B, nb, P, 1), first.view(B, nb, P, 1)
+        self_mask = key_real[:, :, None] & (key_slot[:, :, None] <= q_slot) & (key_slot[:, :, None] >= q_first)
+        self_mask = self_mask.view(B * nb, 1, P, P + K)
+        # Cross-attention keys of block b: the slow vectors before each of chunks bP/K .. bP/K + P/K, then the
+        # initial ones; a step reads its chunk's, or the initial ones when its episode began in the chunk.
+        W = P // K + 1
+        key_chunk = torch.arange(nb, device=dev)[:, None] * (P // K) + torch.arange(W, device=dev)  # [nb, W]
+        q_fresh = fresh.view(B, nb, P, 1)
+        own = (key_chunk[:, None] == (q_slot // K)) & ~q_fresh  # [B, nb, P, W]
+        cross_mask = torch.cat([own.repeat_interleave(N, -1), q_fresh.expand(-1, -1, -1, N)], -1)
+        cross_mask = cross_mask.view(B * nb, 1, P, (W + 1) * N)
 
-        h = self.proj(x) + self.pos[q]  # [B, T, D]
-        kv_cache = state["kv"]
-        new_kv, cached = [], 0
-        slow_per_chunk = None
+        # The chunks' slow updates: chunk c reads window b(c) of the update's keys, from its episode's first slot.
+        wins = [min(c * K // P, nb - 1) for c in range(C)]
+        c = torch.arange(C, device=dev)
+        win = (c * K // P).clamp(max=nb - 1)  # wins as a tensor (made on the device: no copy from the host)
+        end = (c[None] * K + K - 1 - clock).clamp(0, L - 1)  # [B, C] the step at the chunk's last slot
+        end_first, end_last = first.gather(1, end), last.gather(1, end)
+        slots_c = key_slot[:, win]  # [B, C, P + K]
+        update_mask = key_real[:, win] & (slots_c >= end_first[..., None]) & (slots_c < (c[:, None] + 1) * K)
+        reset = end_last >= c * K  # [B, C] an episode began in the chunk: its update starts from the initial vectors
+        complete = (c + 1) * K <= clock + T  # [B, C] all K steps are in: only then is the chunk read
+
+        h = self.proj(F.pad(x, (0, 0, 0, L - T)) if L > T else x) + self.pos[slot % K]  # [B, L, D]
+        cache = state["kv"]
+        keys: list[torch.Tensor] = []  # [B, K + L, 2D] per cached block: the cache, then the call's steps
+        slow_before = None
         for layer in self.layers:
-            if layer.ln_kv is None:
-                h, kv = self._self_attention(layer, h, layout, kv_cache[:, cached, : K - 1])
-                new_kv.append(kv)
-                cached += 1
-                continue
-            if slow_per_chunk is None:  # the first cross-attention: run the slow stream up to here
-                slow_per_chunk, slow, update_kv = self._slow_stream(
-                    h, layout, kv_cache[:, -1, : K - 1], state["slow"], reset, complete
-                )
-            h = self._cross_attention(layer, h, layout, slow_per_chunk)
-        new_kv.append(update_kv)
+            if not layer.cross:
+                query, kv = layer.self_projections(h)
+                keys.append(torch.cat([cache[:, len(keys)], kv], 1))
+                kv = layer.keys_values(_windows(keys[-1], P + K, P))
+                y = layer.attention(query.view(B * nb, P, -1), *kv, self_mask)
+            else:
+                if slow_before is None:  # the first cross-attention: run the slow stream up to here
+                    update_kv = torch.cat([cache[:, -1], self.update.context(h)], 1)
+                    slow_before, slow = self._slow_stream(
+                        _windows(update_kv, P + K, P), update_mask, wins, state["slow"], reset, complete
+                    )
+                    # [B, L/K + 2, N, D]: every chunk's (zeros past C), then the initial ones, projected at once
+                    pad = slow_before.new_zeros(B, L // K + 1 - C, N, slow_before.shape[-1])
+                    slow_before = torch.cat([slow_before, pad, self.slow_init.expand(B, 1, -1, -1)], 1)
+                projected = layer.context(slow_before)
+                context = _windows(projected[:, :-1].flatten(2), W, P // K).view(B * nb, W * N, -1)
+                init = projected[:, -1:].expand(-1, nb, -1, -1).reshape(B * nb, N, -1)
+                context = torch.cat([context, init], 1)
+                y = layer.attention(layer.query(h).view(B * nb, P, -1), *layer.keys_values(context), cross_mask)
+            h = layer.feed_forward(h + y.view(B, L, -1))
+        keys.append(update_kv)
 
-        # Keys/values of the chunk in progress at the end of the call (positions 0 .. K-1; at most K-1 are seen).
-        last = (seg[:, -1] * K)[:, None] + torch.arange(K, device=x.device)  # [B, K]
-        kv_state = torch.stack(
-            [c.reshape(B, C * K, -1).gather(1, last[..., None].expand(-1, -1, c.shape[-1])) for c in new_kv], 1
-        )
-        new_len = (q[:, -1] + 1) % K
-        # Zero the slots past the chunk's length, so the state is a function of the history alone.
-        kv_state = kv_state * (torch.arange(K, device=x.device) < new_len[:, None])[:, None, :, None]
-        new_state = {"slow": slow, "kv": kv_state, "chunk_len": new_len}
-        return self.ln_out(h), new_state
+        # The state keeps the keys/values of the chunk in progress after the call, from its episode's first slot.
+        stop = clock[:, 0] + T
+        new_len = stop % K
+        new_ep = torch.where(new_len > 0, first[:, T - 1] % K, 0)
+        s = torch.arange(K, device=dev)
+        at = stop[:, None] // K * K + s  # [B, K] the slots of the chunk in progress
+        index = torch.where(at < clock, at, K + at - clock).clamp(max=K + L - 1)
+        kv = torch.stack(keys, 1)  # [B, n_cached, K + L, 2D]
+        kv = kv.gather(2, index[:, None, :, None].expand(-1, self.n_cached, -1, kv.shape[-1]))
+        kv = kv * ((s < new_len[:, None]) & (s >= new_ep[:, None]))[:, None, :, None]
+        return self.ln_out(h[:, :T]), {"slow": slow, "kv": kv, "chunk_len": new_len, "ep_start": new_ep}
 
     def _step(self, x: torch.Tensor, state: State, start: torch.Tensor) -> tuple[torch.Tensor, State]:
         """One step ([B, 1, input_dim]) without the chunk layout: the acting path.
 
         Same result as the sequence path (tests/test_cores.py checks T one-step calls against one call of
         T steps): the step writes its keys/values into its chunk's slot of the cache and attends to the
-        slots up to it, and the slow vectors read the chunk when it completes.
+        slots of its episode up to it, and the slow vectors read the chunk when it completes.
         """
         K = self.K
-        slots = torch.arange(K, device=x.device)
-        q = torch.where(start, 0, state["chunk_len"])  # [B] the step's position in its chunk
-        new_len = (q + 1) % K
-        visible = (slots <= q[:, None])[:, None, None]  # [B, 1, 1, K]
-        write = (slots == q[:, None])[..., None]  # [B, K, 1]
-        complete = q == K - 1  # [B] the step completes its chunk: the slow vectors read it
-        # Steps that neither start an episode nor complete a chunk leave the slots past the chunk empty;
-        # reading both flags in one host sync skips the masking ops on the other steps.
-        any_start, any_complete = torch.stack([start.any(), complete.any()]).tolist()
-        slow = state["slow"]
-        if any_start:
-            slow = torch.where(start[:, None, None], self.slow_init.expand_as(slow), slow)
-        cache = state["kv"]
+        q = state["chunk_len"]  # [B] the step's position in its chunk
+        ep = torch.where(start, q, state["ep_start"])
+        slow = torch.where(start[:, None, None], self.slow_init, state["slow"])
+        visible = self._visible[q, ep][:, None, None]  # [B, 1, 1, K]
+        write = self._write[q]  # [B, K, 1]
+        # Tokens stay [B, D] here: a linear on 2-D input is one kernel; on [B, 1, D] it adds reshapes.
         h = self.proj(x[:, 0]) + self.pos[q]  # [B, D]
-        new_kv, new_slow, update_kv = [], slow, None
+        cache = state["kv"]
+        chunk_kv: list[torch.Tensor] = []
+        update_kv = None
         for layer in self.layers:
-            if layer.ln_kv is None:
-                a = layer.ln_q(h)
-                chunk = torch.where(write, layer.attn.kv(a)[:, None], cache[:, len(new_kv)])  # [B, K, 2D]
-                key, value = _heads(chunk, 2 * self.H).split(self.H, dim=1)
-                query = _heads(layer.attn.q(a)[:, None], self.H)  # [B, H, 1, D/H]
-                y = F.scaled_dot_product_attention(query, key, value, attn_mask=visible)
-                new_kv.append(chunk)
+            if not layer.cross:
+                query, kv = layer.self_projections(h)
+                kv = torch.where(write, kv[:, None], cache[:, len(chunk_kv)])  # [B, K, 2D]
+                chunk_kv.append(kv)
+                y = layer.attention(query[:, None], *layer.keys_values(kv), visible)
             else:
                 if update_kv is None:  # the first cross-attention: the slow stream reads the tokens here
-                    update_kv = torch.where(write, self.update.attn.kv(self.update.ln_kv(h))[:, None], cache[:, -1])
-                    if any_complete:
-                        key, value = _heads(update_kv, 2 * self.H).split(self.H, dim=1)
-                        new_slow = torch.where(complete[:, None, None], self._slow_update(slow, key, value), slow)
-                query = _heads(layer.attn.q(layer.ln_q(h))[:, None], self.H)  # [B, H, 1, D/H]
-                key, value = _heads(layer.attn.kv(layer.ln_kv(slow)), 2 * self.H).split(self.H, dim=1)
-                y = F.scaled_dot_product_attention(query, key, value)
-            h = h + layer.attn.out(_merge(y)[:, 0])
-            h = h + layer.mlp(layer.ln_mlp(h))
-        kv_state = torch.stack([*new_kv, update_kv], 1)
-        if any_start or any_complete:  # empty the slots past the chunk's new length
-            kv_state = kv_state * (slots < new_len[:, None])[:, None, :, None]
-        return self.ln_out(h)[:, None], {"slow": new_slow, "kv": kv_state, "chunk_len": new_len}
-
-    def _self_attention(
-        self, blk: Block, h: torch.Tensor, layout: _Layout, cache: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal attention within each chunk; returns new tokens and the chunk-layout keys/values [B,C,K,2D]."""
-        a = blk.ln_q(h)
-        kv = layout.scatter(blk.attn.kv(a), prefix=cache)  # [B, C, K, 2D]
-        query = _heads(layout.scatter(blk.attn.q(a)), self.H)  # [B, C, H, K, D/H]
-        key, value = _heads(kv, 2 * self.H).split(self.H, dim=2)
-        # 4-D inputs: sdpa takes its fused path only for [batch, heads, seq, dim] on CPU.
-        y = F.scaled_dot_product_attention(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1), is_causal=True)
-        y = y.view(query.shape)
-        h = h + blk.attn.out(layout.gather(_merge(y)))
-        return h + blk.mlp(blk.ln_mlp(h)), kv
-
-    def _cross_attention(self, blk: Block, h: torch.Tensor, layout: _Layout, slow: torch.Tensor) -> torch.Tensor:
-        """Every step attends to the slow vectors as they were when its chunk began (slow: [B, C, N, D])."""
-        query = _heads(layout.scatter(blk.attn.q(blk.ln_q(h))), self.H)  # [B, C, H, K, D/H]
-        key, value = _heads(blk.attn.kv(blk.ln_kv(slow)), 2 * self.H).split(self.H, dim=2)  # [B, C, H, N, D/H]
-        y = F.scaled_dot_product_attention(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1))
-        h = h + blk.attn.out(layout.gather(_merge(y.view(query.shape))))
-        return h + blk.mlp(blk.ln_mlp(h))
+                    update_kv = torch.where(write, self.update.context(h)[:, None], cache[:, -1])
+                y = layer.attention(layer.query(h)[:, None], *layer.keys_values(layer.context(slow)))
+            h = layer.feed_forward(h + y[:, 0])
+        chunk_kv.append(update_kv)
+        complete = q == K - 1
+        new_slow = slow
+        # In eager CPU mode a host read costs nothing, and skipping the update on the K-1 of K steps where no
+        # row completes a chunk saves most of its cost; elsewhere the step stays branch-free for capture.
+        if complete.is_cuda or torch.compiler.is_compiling() or bool(complete.any()):
+            key, value = self.update.keys_values(update_kv)
+            if self.parallel:
+                log_keep, written = self._parallel_update(key, value, visible, 1)
+                new = log_keep.exp() * slow + written
+            else:
+                new = self._sequential_update(slow, key, value, visible)
+            new_slow = torch.where(complete[:, None, None], new, slow)
+        kv = torch.stack(chunk_kv, 1) * self._kept[q, ep][:, None, :, None]
+        new_state = {"slow": new_slow, "kv": kv, "chunk_len": self._next[q], "ep_start": ep.masked_fill(complete, 0)}
+        return self.ln_out(h)[:, None], new_state
 
     def _slow_stream(
         self,
-        h: torch.Tensor,
-        layout: _Layout,
-        cache: torch.Tensor,
+        windows: torch.Tensor,
+        mask: torch.Tensor,
+        wins: list[int],
         slow: torch.Tensor,
         reset: torch.Tensor,
         complete: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The slow vectors at the start of every chunk [B, C, N, D], the final ones, and the update's keys."""
-        upd = self.update
-        kv = layout.scatter(upd.attn.kv(upd.ln_kv(h)), prefix=cache)  # [B, C, K, 2D], all chunks at once
-        keys, values = _heads(kv, 2 * self.H).split(self.H, dim=2)  # [B, C, H, K, D/H]
-        init = self.slow_init.expand_as(slow)
-        slow = slow.to(h.dtype)
-        # Which rows reset or complete in each chunk, read once: the loop then skips the masking ops that
-        # would change nothing (most chunks reset no row and complete all), which matters because this
-        # loop's small ops are most of the core's training time.
-        any_reset, any_complete, all_complete = (v.tolist() for v in (reset.any(0), complete.any(0), complete.all(0)))
-        per_chunk = []
-        # Unbound once: indexing keys[:, c] in the loop would make every iteration's backward add a
-        # zero-padded copy of all C chunks (O(C^2) work); unbind's backward is one stack.
-        chunk_keys, chunk_values = keys.unbind(1), values.unbind(1)
-        for c in range(layout.C):  # the only sequential loop: T/K iterations (+1 per episode start)
-            if any_reset[c]:
-                slow = torch.where(reset[:, c, None, None], init, slow)
-            per_chunk.append(slow)
-            if any_complete[c]:
-                new = self._slow_update(slow, chunk_keys[c], chunk_values[c])
-                slow = new if all_complete[c] else torch.where(complete[:, c, None, None], new, slow)
-        return torch.stack(per_chunk, 1), slow, kv
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slow vectors at the start of every chunk [B, C, N, D], and after the last one [B, N, D].
 
-    def _slow_update(self, slow: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """The slow vectors [B, N, D] after reading one chunk's keys/values [B, H, K, D/H]."""
+        ``windows`` [B * nb, P + K, 2D]: the update's keys/values in blocks; chunk c reads block ``wins[c]``
+        where ``mask`` [B, C, P + K] allows; ``reset``/``complete`` [B, C]: the chunk starts from the initial
+        slow vectors / has all K steps (only then is it read).
+        """
+        B, C = reset.shape
+        nb = windows.shape[0] // B
+        init = self.slow_init.expand(B, -1, -1)
+        keys, values = self.update.keys_values(windows)  # [B * nb, H, P + K, D/H]
+        if self.parallel:
+            # Every chunk's learned queries at once: block b holds chunks bP/K .. (one more in the last block).
+            S = max(wins.count(b) for b in range(nb))  # chunks of the fullest block (the last holds one more)
+            per_block = windows.shape[1] // self.K - 1  # P / K
+            c = torch.arange(C, device=windows.device)
+            where = c + (c // per_block).clamp(max=nb - 1) * (S - per_block)  # chunk c's row: b * S + its place in b
+            if nb > 1:  # place chunk c at its block's row; unused rows attend everywhere (no NaN), then drop
+                mask = mask.new_ones(B, nb * S, mask.shape[-1]).index_copy(1, where, mask)
+            mask = mask.view(B * nb, 1, S, -1).repeat_interleave(self.N, 2)
+            log_keep, written = (v.view(B, nb * S, self.N, -1) for v in self._parallel_update(keys, values, mask, S))
+            if nb > 1:
+                log_keep, written = log_keep.index_select(1, where), written.index_select(1, where)
+            # [B, C, N, 1], [B, C, N, D]
+            after = self._gated_recurrence(log_keep, written, slow, init, reset, complete)  # [B, C, N, D]
+            return torch.cat([slow[:, None], after[:, :-1]], 1), after[:, -1]
+        # Unbound once: indexing [:, c] in the loop would make every iteration's backward add a zero-padded
+        # copy of all C chunks (O(C^2) work); unbind's backward is one stack.
+        keys, values = keys.unflatten(0, (B, nb)).unbind(1), values.unflatten(0, (B, nb)).unbind(1)
+        masks = mask[:, :, None, None].unbind(1)  # [B, 1, 1, P + K] each
+        resets, completes = reset[..., None, None].unbind(1), complete[..., None, None].unbind(1)
+        before = []
+        for c in range(C):  # the only sequential loop: T/K + 1 iterations
+            before.append(slow)
+            base = torch.where(resets[c], init, slow)
+            update = self._sequential_update(base, keys[wins[c]], values[wins[c]], masks[c])
+            slow = torch.where(completes[c], update, base)
+        return torch.stack(before, 1), slow
+
+    def _sequential_update(
+        self, slow: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The slow vectors [B, N, D] after querying one chunk's keys/values [B, H, S, D/H] where mask allows."""
         upd = self.update
-        query = _heads(upd.attn.q(upd.ln_q(slow)), self.H)  # [B, H, N, D/H]
-        y = F.scaled_dot_product_attention(query, keys, values)
-        new = slow + upd.attn.out(_merge(y))
-        new = new + upd.mlp(upd.ln_mlp(new))
+        new = upd.feed_forward(slow + upd.attention(upd.query(slow), key, value, mask))
         if self.gate is None:
             return new
         return torch.lerp(slow, new, torch.sigmoid(self.gate(torch.cat([slow, new], -1))))
+
+    def _parallel_update(
+        self, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, chunks: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``chunks`` chunks per row of keys/values [M, H, S, D/H] do to the slow vectors: the log of the
+        share each slow vector keeps [M, chunks * N, 1] and what is written [M, chunks * N, D]."""
+        upd = self.update
+        base = self.slow_query.repeat(chunks, 1)  # [chunks * N, D]
+        query = upd.query(base).expand(key.shape[0], -1, -1)
+        u = upd.feed_forward(base + upd.attention(query, key, value, mask))
+        z = self.gate(u)
+        return F.logsigmoid(z), torch.sigmoid(-z) * u
+
+    def _gated_recurrence(
+        self,
+        log_keep: torch.Tensor,
+        written: torch.Tensor,
+        slow: torch.Tensor,
+        init: torch.Tensor,
+        reset: torch.Tensor,
+        complete: torch.Tensor,
+    ) -> torch.Tensor:
+        """All of ``s_c = g_c * base_c + written_c`` at once (base_c: ``s_{c-1}``, or ``init`` after a reset),
+        from log g [B, C, N, 1], written [B, C, N, D] and s_{-1} = ``slow`` [B, N, D].
+
+        Unrolled, s_c = sum_j w_cj b_j + w_c s_{-1} with w_cj the product of the gates after chunk j, zero across
+        a reset: a [C, C] weight matrix per slow vector, so the recurrence is one batched matmul. A chunk that
+        is not complete keeps its slow vectors (g = 1, nothing written).
+        """
+        C = reset.shape[1]
+        m = complete[..., None, None]
+        log_keep = torch.where(m, log_keep, 0.0)[..., 0]  # [B, C, N]
+        fresh = torch.where(reset[..., None, None], log_keep.exp()[..., None] * init[:, None], 0.0)
+        b = torch.where(m, written, 0.0) + fresh  # [B, C, N, D]
+        total = log_keep.cumsum(1)  # [B, C, N]
+        segment = reset.long().cumsum(1)  # [B, C]: chunks with no reset between them share a segment
+        c = torch.arange(C, device=reset.device)
+        linked = (c[:, None] >= c) & (segment[:, :, None] == segment[:, None])  # [B, C, C]
+        w = (total[:, :, None] - total[:, None]).masked_fill(~linked[..., None], float("-inf")).exp()  # [B, C, C, N]
+        carried = torch.where(segment[..., None] == 0, total.exp(), 0.0)[..., None] * slow[:, None]  # [B, C, N, D]
+        return (w.permute(0, 3, 1, 2) @ b.transpose(1, 2)).transpose(1, 2) + carried
