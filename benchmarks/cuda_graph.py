@@ -95,7 +95,7 @@ def measure(spec: str, B: int, T: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="16x128,16x1024", help="comma-separated BxT (default %(default)s)")
-    parser.add_argument("--cores", default="tlb,tlb:slow_update=sequential", help="NAME[:key=value...], comma-sep.")
+    parser.add_argument("--cores", default="tlb,tlb:slow_update=parallel", help="NAME[:key=value...], comma-sep.")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -17,7 +17,7 @@ else
 fi
 for shape in 16x128 16x1024; do
   "$PY" benchmarks/cores.py --device cuda --shape "$shape" --repeats 10 \
-    --cores tlb,tlb:slow_update=sequential,lstm,transformer --json-out "$OUT/cores_$shape.json" \
+    --cores tlb,tlb:slow_update=parallel,tlb:chunk_size=8,lstm,transformer --json-out "$OUT/cores_$shape.json" \
     > /dev/null 2> "$OUT/cores_$shape.txt"
   cat "$OUT/cores_$shape.txt"
 done

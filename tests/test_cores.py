@@ -27,7 +27,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "tlb-K1": ("tlb", dict(d_model=16, chunk_size=1, n_slow=2, n_heads=2)),
     "tlb-K1-parallel": ("tlb", dict(d_model=16, chunk_size=1, n_slow=2, n_heads=2, slow_update="parallel")),
     "tlb-K3-parallel": ("tlb", dict(d_model=16, chunk_size=3, n_slow=3, n_heads=2, slow_update="parallel")),
-    "tlb-K4-sequential": ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2, slow_update="sequential")),
+    "tlb-K4-parallel": ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2, slow_update="parallel")),
     "tlb-K3-residual": ("tlb", dict(d_model=16, chunk_size=3, n_slow=3, n_heads=2, gated=False)),
     "tlb-K4": ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2)),
     "tlb-K4-L3R1-gated": (
@@ -580,7 +580,7 @@ def _training_pass_ops(core: Core, starts: torch.Tensor) -> list[str]:
     return rec.ops
 
 
-@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-sequential", "tlb-K3-parallel"])
+@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-parallel", "tlb-K3-parallel"])
 def test_tlb_training_pass_runs_the_same_ops_whatever_the_episode_starts(config):
     """No host sync (``.item()``, ``bool(tensor)``) and no data-dependent branch in forward or backward: the op
     sequence is fixed by the shapes, so the pass can be captured as a CUDA graph, and its cost does not grow
@@ -614,7 +614,7 @@ def test_tlb_long_calls_in_several_attention_blocks_equal_stepping(config, monke
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-sequential", "tlb-K3-parallel", "lstm", "gru"])
+@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-parallel", "tlb-K3-parallel", "lstm", "gru"])
 def test_cuda_matches_cpu_and_stepping(config):
     """On a GPU the sequence path (one call) and the acting path (T one-step calls) give the CPU's results."""
     core = build(config)

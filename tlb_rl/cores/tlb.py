@@ -14,11 +14,11 @@ of a 128-step segment and run a slow update on most acting steps (envs completed
 
 Two slow updates:
 
-- ``slow_update="sequential"`` (the paper's): the slow vectors query the chunk (cross-attention + MLP),
-  gated or residual. Its queries depend on the slow state, so chunks are read one after another.
-- ``slow_update="parallel"`` (default): learned queries read every chunk at once, and a learned gate per
-  slow vector mixes the result in, ``s_c = g_c * s_{c-1} + (1 - g_c) * u_c``: a linear recurrence, computed
-  for all chunks as one [C, C] matrix product.
+- ``slow_update="sequential"`` (default, the paper's): the slow vectors query the chunk (cross-attention +
+  MLP), gated or residual. Its queries depend on the slow state, so chunks are read one after another.
+- ``slow_update="parallel"``: learned queries read every chunk at once, and gates per slow vector mix the
+  result in, ``s_c = f_c * s_{c-1} + i_c * u_c``: a linear recurrence, computed for all chunks as one
+  [C, C] matrix product. Cheaper, but it learned less (docs/benchmarks.md).
 
 The slow update reads the chunk's tokens as the first R layers leave them, before they meet the slow
 state (the paper's reads the last fast layer, which would put every later fast layer inside the
@@ -52,8 +52,10 @@ def _windows(x: torch.Tensor, size: int, step: int) -> torch.Tensor:
 class TLBCore(Core):
     """Temporal Latent Bottleneck core.
 
-    The defaults (width 64, K = N = 8, two fast layers, MLP ratio 2, parallel slow update) have about as
-    many parameters as the default LSTM core (hidden 128): ~152k against ~132k with 128 inputs.
+    The defaults (width 64, K = 16 steps per chunk, N = 8 slow vectors, two fast layers, MLP ratio 2, gated
+    sequential slow update) have about as many parameters as the default LSTM core (hidden 128): ~152k
+    against ~132k with 128 inputs. K = 16 halves the slow stream's loop against K = 8 and learned as well
+    over 3 seeds on four tasks (docs/benchmarks.md).
 
     :param input_dim: width of the inputs.
     :param d_model: width of fast tokens and slow vectors; also the output width.
@@ -67,17 +69,17 @@ class TLBCore(Core):
     :param gated: sequential update only: mix the update into the slow vectors through a learned gate
         (default) instead of adding it residually, as the paper does; residual updates let the slow
         vectors' norm grow with every chunk (measurements in docs/benchmarks.md).
-    :param slow_update: ``"parallel"`` (learned queries read every chunk at once; a learned gate per slow
-        vector mixes the result in, a linear recurrence computed as one matrix product) or ``"sequential"``
-        (the paper's: the slow vectors query each chunk in turn). Speed and learning of both in
-        docs/benchmarks.md.
+    :param slow_update: ``"sequential"`` (the paper's: the slow vectors query each chunk in turn) or
+        ``"parallel"`` (learned queries read every chunk at once and gates per slow vector mix the result in:
+        a linear recurrence computed as one matrix product; ~3x fewer ops to train, but it did not learn the
+        T-maze with a 100-step corridor, where the sequential update did). Both measured in docs/benchmarks.md.
     """
 
     def __init__(
         self,
         input_dim: int,
         d_model: int = 64,
-        chunk_size: int = 8,
+        chunk_size: int = 16,
         n_slow: int = 8,
         n_layers: int = 2,
         cross_every: int = 2,
@@ -85,7 +87,7 @@ class TLBCore(Core):
         mlp_ratio: int = 2,
         dropout: float = 0.0,
         gated: bool = True,
-        slow_update: str = "parallel",
+        slow_update: str = "sequential",
     ):
         super().__init__()
         check_sizes(
@@ -116,7 +118,14 @@ class TLBCore(Core):
         self.update = Block(d_model, n_heads, mlp_ratio, dropout, cross=True)
         if self.parallel:
             self.slow_query = nn.Parameter(torch.randn(n_slow, d_model) * 0.02)
-            self.gate = nn.Linear(d_model, 1)  # per slow vector, from what the chunk wrote: how much of the old to keep
+            # Per slow vector, from what the chunk wrote: how much of the old to keep, how much of the new to write
+            # (two gates, as an LSTM's forget and input gates, so a slot can both write a cue and keep it).
+            self.gate = nn.Linear(d_model, 2)
+            nn.init.zeros_(self.gate.bias)
+            # Chrono initialisation (Tallec & Ollivier 2018): slow vector n starts keeping a share 1 - 1/tau of
+            # itself per chunk, tau = 2, 4, ..., 2^N chunks, so some slots hold a cue over long corridors from the
+            # start; with every keep gate at ~0.5 a cue fades as 0.5^chunks before anything is learned.
+            self.gate_bias = nn.Parameter(torch.log(2.0 ** torch.arange(1, n_slow + 1) - 1)[:, None])  # [N, 1]
         else:  # the gate lets a slot keep its content instead of always adding to it
             self.gate = nn.Linear(2 * d_model, d_model) if gated else None
         self.ln_out = nn.LayerNorm(d_model)
@@ -340,8 +349,8 @@ class TLBCore(Core):
         base = self.slow_query.repeat(chunks, 1)  # [chunks * N, D]
         query = upd.query(base).expand(key.shape[0], -1, -1)
         u = upd.feed_forward(base + upd.attention(query, key, value, mask))
-        z = self.gate(u)
-        return F.logsigmoid(z), torch.sigmoid(-z) * u
+        keep, write = self.gate(u).split(1, -1)
+        return F.logsigmoid(keep + self.gate_bias.repeat(chunks, 1)), torch.sigmoid(write) * u
 
     def _gated_recurrence(
         self,
