@@ -28,6 +28,7 @@ recurrence), so every token-wise layer runs once, batched over all T steps.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,23 @@ BLOCK = 128
 K before them, so attention costs T * (P + K), not T^2, while a call of up to BLOCK steps is one block."""
 
 
+class _Plan(NamedTuple):
+    """Where a call's steps, keys and chunks sit: L steps (T padded) in nb blocks of P steps, touching C chunks."""
+
+    nb: int
+    P: int
+    L: int
+    C: int
+    wins: list[int]  # the block whose keys chunk c's update reads
+    slot: torch.Tensor  # [B, L] each step's slot, counted from the start of the chunk in progress at the call
+    first: torch.Tensor  # [B, L] the first slot a step may attend to
+    self_mask: torch.Tensor  # [B * nb, 1, P, P + K] a step's keys: its chunk's steps of its episode up to it
+    cross_mask: torch.Tensor  # [B * nb, 1, P, (P/K + 2) * N] the slow vectors a step reads
+    update_mask: torch.Tensor  # [B, C, P + K] the keys chunk c's update reads
+    reset: torch.Tensor  # [B, C] an episode began in chunk c: its update starts from the initial slow vectors
+    complete: torch.Tensor  # [B, C] chunk c has all K steps: only then is it read
+
+
 def _windows(x: torch.Tensor, size: int, step: int) -> torch.Tensor:
     """Windows of ``size`` rows every ``step`` rows of x [B, L, F] -> [B * n, size, F] (a copy unless n = 1)."""
     if x.shape[1] == size:
@@ -54,8 +72,8 @@ class TLBCore(Core):
 
     The defaults (width 64, K = 16 steps per chunk, N = 8 slow vectors, two fast layers, MLP ratio 2, gated
     sequential slow update) have about as many parameters as the default LSTM core (hidden 128): ~152k
-    against ~132k with 128 inputs. K = 16 halves the slow stream's loop against K = 8 and learned as well
-    over 3 seeds on four tasks (docs/benchmarks.md).
+    against ~132k with 128 inputs. K = 16 halves the slow stream's loop against K = 8; it learned as well as
+    K = 8 in the earlier core's 3-seed study (docs/results.md), this core's learning is in docs/benchmarks.md.
 
     :param input_dim: width of the inputs.
     :param d_model: width of fast tokens and slow vectors; also the output width.
@@ -68,10 +86,10 @@ class TLBCore(Core):
     :param dropout: dropout in the MLPs.
     :param gated: sequential update only: mix the update into the slow vectors through a learned gate
         (default) instead of adding it residually, as the paper does; residual updates let the slow
-        vectors' norm grow with every chunk (measurements in docs/benchmarks.md).
+        vectors' norm grow with every chunk (measured on the T-maze: docs/results.md).
     :param slow_update: ``"sequential"`` (the paper's: the slow vectors query each chunk in turn) or
         ``"parallel"`` (learned queries read every chunk at once and gates per slow vector mix the result in:
-        a linear recurrence computed as one matrix product; ~3x fewer ops to train, but it did not learn the
+        a linear recurrence computed as one matrix product; half the ops to train, but it did not learn the
         T-maze with a 100-step corridor, where the sequential update did). Both measured in docs/benchmarks.md.
     """
 
@@ -103,7 +121,7 @@ class TLBCore(Core):
         if slow_update not in SLOW_UPDATES:
             raise ValueError(f"slow_update must be one of {', '.join(SLOW_UPDATES)}, got {slow_update!r}")
         self.input_dim, self.output_dim = input_dim, d_model
-        self.K, self.N, self.R = chunk_size, n_slow, cross_every
+        self.K, self.N = chunk_size, n_slow
         self.parallel = slow_update == "parallel"
         self.proj = nn.Linear(input_dim, d_model)
         self.pos = nn.Parameter(torch.randn(chunk_size, d_model) * 0.02)
@@ -156,49 +174,9 @@ class TLBCore(Core):
         B, T, _ = x.shape
         if T == 1:
             return self._step(x, state, episode_starts[:, 0].bool())
-        K, N, dev = self.K, self.N, x.device
-        # The call in nb blocks of P steps (a multiple of K; padded steps at the end are computed and dropped).
-        # Key j of the sequence [cached K slots, L steps] sits at slot j (cache) or clock + j - K (step j - K),
-        # slots counted from the start of the chunk in progress when the call began.
-        nb = math.ceil(T / BLOCK)
-        P = K * math.ceil(math.ceil(T / nb) / K)
-        L, C = nb * P, (T + K - 2) // K + 1  # C: the chunks the call can touch, whatever the clock
-        clock = state["chunk_len"][:, None]
-        slot = clock + torch.arange(L, device=dev)  # [B, L]
-        chunk_start = slot // K * K
-        starts = F.pad(episode_starts.bool(), (0, L - T)) if L > T else episode_starts.bool()
-        last = torch.where(starts, slot, -1).cummax(1).values  # slot of the latest episode start in the call
-        # The first slot a step may attend to: its chunk's, its episode's, or the incoming state's episode's.
-        first = torch.maximum(torch.maximum(chunk_start, last), state["ep_start"][:, None])
-        fresh = last >= chunk_start  # the step's episode began in its chunk: it reads the initial slow vectors
-
-        j = torch.arange(nb, device=dev)[:, None] * P + torch.arange(P + K, device=dev)  # [nb, P + K] window keys
-        key_slot = torch.where(j < K, j, clock[..., None] + j - K)  # [B, nb, P + K]
-        key_real = (j >= K) | (j < clock[..., None])  # cache slots past the clock are empty
-        q_slot, q_first = slot.view(B, nb, P, 1), first.view(B, nb, P, 1)
-        self_mask = key_real[:, :, None] & (key_slot[:, :, None] <= q_slot) & (key_slot[:, :, None] >= q_first)
-        self_mask = self_mask.view(B * nb, 1, P, P + K)
-        # Cross-attention keys of block b: the slow vectors before each of chunks bP/K .. bP/K + P/K, then the
-        # initial ones; a step reads its chunk's, or the initial ones when its episode began in the chunk.
-        W = P // K + 1
-        key_chunk = torch.arange(nb, device=dev)[:, None] * (P // K) + torch.arange(W, device=dev)  # [nb, W]
-        q_fresh = fresh.view(B, nb, P, 1)
-        own = (key_chunk[:, None] == (q_slot // K)) & ~q_fresh  # [B, nb, P, W]
-        cross_mask = torch.cat([own.repeat_interleave(N, -1), q_fresh.expand(-1, -1, -1, N)], -1)
-        cross_mask = cross_mask.view(B * nb, 1, P, (W + 1) * N)
-
-        # The chunks' slow updates: chunk c reads window b(c) of the update's keys, from its episode's first slot.
-        wins = [min(c * K // P, nb - 1) for c in range(C)]
-        c = torch.arange(C, device=dev)
-        win = (c * K // P).clamp(max=nb - 1)  # wins as a tensor (made on the device: no copy from the host)
-        end = (c[None] * K + K - 1 - clock).clamp(0, L - 1)  # [B, C] the step at the chunk's last slot
-        end_first, end_last = first.gather(1, end), last.gather(1, end)
-        slots_c = key_slot[:, win]  # [B, C, P + K]
-        update_mask = key_real[:, win] & (slots_c >= end_first[..., None]) & (slots_c < (c[:, None] + 1) * K)
-        reset = end_last >= c * K  # [B, C] an episode began in the chunk: its update starts from the initial vectors
-        complete = (c + 1) * K <= clock + T  # [B, C] all K steps are in: only then is the chunk read
-
-        h = self.proj(F.pad(x, (0, 0, 0, L - T)) if L > T else x) + self.pos[slot % K]  # [B, L, D]
+        plan = self._plan(state, episode_starts.bool())
+        nb, P, L, C, N = plan.nb, plan.P, plan.L, plan.C, self.N
+        h = self.proj(F.pad(x, (0, 0, 0, L - T)) if L > T else x) + self.pos[plan.slot % self.K]  # [B, L, D]
         cache = state["kv"]
         keys: list[torch.Tensor] = []  # [B, K + L, 2D] per cached block: the cache, then the call's steps
         slow_before = None
@@ -206,36 +184,85 @@ class TLBCore(Core):
             if not layer.cross:
                 query, kv = layer.self_projections(h)
                 keys.append(torch.cat([cache[:, len(keys)], kv], 1))
-                kv = layer.keys_values(_windows(keys[-1], P + K, P))
-                y = layer.attention(query.view(B * nb, P, -1), *kv, self_mask)
+                kv = layer.keys_values(_windows(keys[-1], P + self.K, P))
+                y = layer.attention(query.view(B * nb, P, -1), *kv, plan.self_mask)
             else:
                 if slow_before is None:  # the first cross-attention: run the slow stream up to here
                     update_kv = torch.cat([cache[:, -1], self.update.context(h)], 1)
-                    slow_before, slow = self._slow_stream(
-                        _windows(update_kv, P + K, P), update_mask, wins, state["slow"], reset, complete
-                    )
+                    slow_before, slow = self._slow_stream(_windows(update_kv, P + self.K, P), plan, state["slow"])
                     # [B, L/K + 2, N, D]: every chunk's (zeros past C), then the initial ones, projected at once
-                    pad = slow_before.new_zeros(B, L // K + 1 - C, N, slow_before.shape[-1])
+                    pad = slow_before.new_zeros(B, L // self.K + 1 - C, N, slow_before.shape[-1])
                     slow_before = torch.cat([slow_before, pad, self.slow_init.expand(B, 1, -1, -1)], 1)
                 projected = layer.context(slow_before)
-                context = _windows(projected[:, :-1].flatten(2), W, P // K).view(B * nb, W * N, -1)
+                W = P // self.K + 1  # the chunks a block's steps can belong to
+                context = _windows(projected[:, :-1].flatten(2), W, P // self.K).view(B * nb, W * N, -1)
                 init = projected[:, -1:].expand(-1, nb, -1, -1).reshape(B * nb, N, -1)
                 context = torch.cat([context, init], 1)
-                y = layer.attention(layer.query(h).view(B * nb, P, -1), *layer.keys_values(context), cross_mask)
+                y = layer.attention(layer.query(h).view(B * nb, P, -1), *layer.keys_values(context), plan.cross_mask)
             h = layer.feed_forward(h + y.view(B, L, -1))
         keys.append(update_kv)
+        return self.ln_out(h[:, :T]), {"slow": slow, **self._carried_keys(torch.stack(keys, 1), plan, state, T)}
 
-        # The state keeps the keys/values of the chunk in progress after the call, from its episode's first slot.
-        stop = clock[:, 0] + T
+    def _plan(self, state: State, starts: torch.Tensor) -> _Plan:
+        """Where a call's steps, keys and chunks sit, and what may attend to what (see :class:`_Plan`)."""
+        B, T = starts.shape
+        K, N, dev = self.K, self.N, starts.device
+        nb = math.ceil(T / BLOCK)
+        P = K * math.ceil(math.ceil(T / nb) / K)
+        L, C = nb * P, (T + K - 2) // K + 1  # C: the chunks the call can touch, whatever the clock
+        clock = state["chunk_len"][:, None]
+        slot = clock + torch.arange(L, device=dev)  # [B, L]
+        chunk_start = slot // K * K
+        starts = F.pad(starts, (0, L - T)) if L > T else starts
+        last = torch.where(starts, slot, -1).cummax(1).values  # slot of the latest episode start in the call
+        # The first slot a step may attend to: its chunk's, its episode's, or the incoming state's episode's.
+        first = torch.maximum(torch.maximum(chunk_start, last), state["ep_start"][:, None])
+        fresh = last >= chunk_start  # the step's episode began in its chunk: it reads the initial slow vectors
+
+        # Key j of the sequence [cached K slots, L steps] sits at slot j (cache) or clock + j - K (step j - K).
+        j = torch.arange(nb, device=dev)[:, None] * P + torch.arange(P + K, device=dev)  # [nb, P + K] block keys
+        key_slot = torch.where(j < K, j, clock[..., None] + j - K)  # [B, nb, P + K]
+        key_real = (j >= K) | (j < clock[..., None])  # cache slots past the clock are empty
+        q_slot, q_first = slot.view(B, nb, P, 1), first.view(B, nb, P, 1)
+        self_mask = key_real[:, :, None] & (key_slot[:, :, None] <= q_slot) & (key_slot[:, :, None] >= q_first)
+        # Cross-attention keys of block b: the slow vectors before each of chunks bP/K .. bP/K + P/K, then the
+        # initial ones; a step reads its chunk's, or the initial ones when its episode began in the chunk.
+        W = P // K + 1
+        key_chunk = torch.arange(nb, device=dev)[:, None] * (P // K) + torch.arange(W, device=dev)  # [nb, W]
+        q_fresh = fresh.view(B, nb, P, 1)
+        own = (key_chunk[:, None] == (q_slot // K)) & ~q_fresh  # [B, nb, P, W]
+        cross_mask = torch.cat([own.repeat_interleave(N, -1), q_fresh.expand(-1, -1, -1, N)], -1)
+
+        # Chunk c's update reads block wins[c] of the update's keys, from its episode's first slot.
+        wins = [min(c * K // P, nb - 1) for c in range(C)]
+        c = torch.arange(C, device=dev)
+        win = (c * K // P).clamp(max=nb - 1)  # wins, made on the device (no copy from the host)
+        end = (c[None] * K + K - 1 - clock).clamp(0, L - 1)  # [B, C] the step at the chunk's last slot
+        end_first, end_last = first.gather(1, end), last.gather(1, end)
+        slots_c = key_slot[:, win]  # [B, C, P + K]
+        update_mask = key_real[:, win] & (slots_c >= end_first[..., None]) & (slots_c < (c[:, None] + 1) * K)
+        return _Plan(
+            nb, P, L, C, wins, slot, first,
+            self_mask.view(B * nb, 1, P, P + K),
+            cross_mask.view(B * nb, 1, P, (W + 1) * N),
+            update_mask,
+            reset=end_last >= c * K,
+            complete=(c + 1) * K <= clock + T,
+        )  # fmt: skip
+
+    def _carried_keys(self, keys: torch.Tensor, plan: _Plan, state: State, T: int) -> State:
+        """The state's keys/values [B, n_cached, K, 2D] of the chunk in progress after the call (from the first
+        slot of its episode, zeros elsewhere), its length and that first slot; ``keys`` [B, n_cached, K + L, 2D]."""
+        K, clock = self.K, state["chunk_len"]
+        stop = clock + T
         new_len = stop % K
-        new_ep = torch.where(new_len > 0, first[:, T - 1] % K, 0)
-        s = torch.arange(K, device=dev)
-        at = stop[:, None] // K * K + s  # [B, K] the slots of the chunk in progress
-        index = torch.where(at < clock, at, K + at - clock).clamp(max=K + L - 1)
-        kv = torch.stack(keys, 1)  # [B, n_cached, K + L, 2D]
-        kv = kv.gather(2, index[:, None, :, None].expand(-1, self.n_cached, -1, kv.shape[-1]))
+        new_ep = torch.where(new_len > 0, plan.first[:, T - 1] % K, 0)
+        s = torch.arange(K, device=keys.device)
+        at = (stop // K * K)[:, None] + s  # [B, K] the slots of the chunk in progress
+        index = torch.where(at < clock[:, None], at, K + at - clock[:, None]).clamp(max=keys.shape[2] - 1)
+        kv = keys.gather(2, index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1]))
         kv = kv * ((s < new_len[:, None]) & (s >= new_ep[:, None]))[:, None, :, None]
-        return self.ln_out(h[:, :T]), {"slow": slow, "kv": kv, "chunk_len": new_len, "ep_start": new_ep}
+        return {"kv": kv, "chunk_len": new_len, "ep_start": new_ep}
 
     def _step(self, x: torch.Tensor, state: State, start: torch.Tensor) -> tuple[torch.Tensor, State]:
         """One step ([B, 1, input_dim]) without the chunk layout: the acting path.
@@ -283,29 +310,21 @@ class TLBCore(Core):
         new_state = {"slow": new_slow, "kv": kv, "chunk_len": self._next[q], "ep_start": ep.masked_fill(complete, 0)}
         return self.ln_out(h)[:, None], new_state
 
-    def _slow_stream(
-        self,
-        windows: torch.Tensor,
-        mask: torch.Tensor,
-        wins: list[int],
-        slow: torch.Tensor,
-        reset: torch.Tensor,
-        complete: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slow_stream(self, windows: torch.Tensor, plan: _Plan, slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The slow vectors at the start of every chunk [B, C, N, D], and after the last one [B, N, D].
 
         ``windows`` [B * nb, P + K, 2D]: the update's keys/values in blocks; chunk c reads block ``wins[c]``
-        where ``mask`` [B, C, P + K] allows; ``reset``/``complete`` [B, C]: the chunk starts from the initial
-        slow vectors / has all K steps (only then is it read).
+        where ``plan.update_mask`` allows, starts from the initial slow vectors where ``plan.reset``, and is
+        read only where ``plan.complete`` (all its K steps are in).
         """
+        mask, wins, reset, complete, nb = plan.update_mask, plan.wins, plan.reset, plan.complete, plan.nb
         B, C = reset.shape
-        nb = windows.shape[0] // B
         init = self.slow_init.expand(B, -1, -1)
         keys, values = self.update.keys_values(windows)  # [B * nb, H, P + K, D/H]
         if self.parallel:
             # Every chunk's learned queries at once: block b holds chunks bP/K .. (one more in the last block).
             S = max(wins.count(b) for b in range(nb))  # chunks of the fullest block (the last holds one more)
-            per_block = windows.shape[1] // self.K - 1  # P / K
+            per_block = plan.P // self.K
             c = torch.arange(C, device=windows.device)
             where = c + (c // per_block).clamp(max=nb - 1) * (S - per_block)  # chunk c's row: b * S + its place in b
             if nb > 1:  # place chunk c at its block's row; unused rows attend everywhere (no NaN), then drop
@@ -323,11 +342,12 @@ class TLBCore(Core):
         masks = mask[:, :, None, None].unbind(1)  # [B, 1, 1, P + K] each
         resets, completes = reset[..., None, None].unbind(1), complete[..., None, None].unbind(1)
         before = []
-        for c in range(C):  # the only sequential loop: T/K + 1 iterations
+        for c in range(C):  # the only sequential loop: one iteration per chunk
             before.append(slow)
-            base = torch.where(resets[c], init, slow)
-            update = self._sequential_update(base, keys[wins[c]], values[wins[c]], masks[c])
-            slow = torch.where(completes[c], update, base)
+            slow = torch.where(resets[c], init, slow)
+            if (c + 1) * self.K <= plan.L + self.K - 1:  # else no clock lets chunk c complete in this call
+                update = self._sequential_update(slow, keys[wins[c]], values[wins[c]], masks[c])
+                slow = torch.where(completes[c], update, slow)
         return torch.stack(before, 1), slow
 
     def _sequential_update(
