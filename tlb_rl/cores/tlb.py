@@ -241,6 +241,9 @@ class TLBCore(Core):
         end_first, end_last = first.gather(1, end), last.gather(1, end)
         slots_c = key_slot[:, win]  # [B, C, P + K]
         update_mask = key_real[:, win] & (slots_c >= end_first[..., None]) & (slots_c < (c[:, None] + 1) * K)
+        # A chunk with no step in this call reads nothing and is never complete; letting it attend everywhere
+        # keeps its (discarded) attention free of NaN, which some GPU kernels give for a row with no key.
+        update_mask = update_mask | ~update_mask.any(-1, keepdim=True)
         return _Plan(
             nb, P, L, C, wins, slot, first,
             self_mask.view(B * nb, 1, P, P + K),
