@@ -583,8 +583,8 @@ def _training_pass_ops(core: Core, starts: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-parallel", "tlb-K3-parallel"])
 def test_tlb_training_pass_runs_the_same_ops_whatever_the_episode_starts(config):
     """No host sync (``.item()``, ``bool(tensor)``) and no data-dependent branch in forward or backward: the op
-    sequence is fixed by the shapes, so the pass can be captured as a CUDA graph, and its cost does not grow
-    with the number of episodes in a batch."""
+    sequence is fixed by the shapes (what CUDA-graph capture needs), and its cost does not grow with the
+    number of episodes in a batch."""
     core = build(config).train()
     B, T = 3, 19
     gen = torch.Generator().manual_seed(22)
@@ -595,17 +595,21 @@ def test_tlb_training_pass_runs_the_same_ops_whatever_the_episode_starts(config)
     assert ops == _training_pass_ops(core, many)
 
 
+def _scenario(core: Core, B: int, T: int, seed: int, warm: int) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """Inputs, the episode starts of ``_scenario_starts`` and a state reached after ``warm`` steps."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, IN, generator=gen)
+    return x, _scenario_starts(B, T, gen), warm_state(core, B, warm, seed=seed + 1)
+
+
 @pytest.mark.parametrize("config", TLB_CONFIGS)
 def test_tlb_long_calls_in_several_attention_blocks_equal_stepping(config, monkeypatch):
     """A call longer than BLOCK steps attends block by block; blocks of 5 steps (not a multiple of any K here)
     cut chunks and episodes anywhere."""
     monkeypatch.setattr(tlb_module, "BLOCK", 5)
     core = build(config)
-    B, T = 4, 29
-    gen = torch.Generator().manual_seed(23)
-    x = torch.randn(B, T, IN, generator=gen)
-    starts = _scenario_starts(B, T, gen)
-    state0 = warm_state(core, B, 7, seed=24)
+    T = 29
+    x, starts, state0 = _scenario(core, 4, T, seed=23, warm=7)
     with torch.no_grad():
         y_all, s_all = core(x, state0, starts)
         y, s = run_pieces(core, x, starts, state0, [1] * T)
@@ -618,11 +622,8 @@ def test_tlb_long_calls_in_several_attention_blocks_equal_stepping(config, monke
 def test_cuda_matches_cpu_and_stepping(config):
     """On a GPU the sequence path (one call) and the acting path (T one-step calls) give the CPU's results."""
     core = build(config)
-    B, T = 6, 23
-    gen = torch.Generator().manual_seed(25)
-    x = torch.randn(B, T, IN, generator=gen)
-    starts = _scenario_starts(B, T, gen)
-    state0 = warm_state(core, B, 9, seed=26)
+    T = 23
+    x, starts, state0 = _scenario(core, 6, T, seed=25, warm=9)
     with torch.no_grad():
         y_cpu, s_cpu = core(x, state0, starts)
         gpu = core.to("cuda")

@@ -18,7 +18,7 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention of ``q`` [B, Tq, D] over ``kv`` [B, Tk, D]."""
+    """Multi-head attention's projections; :class:`Block` runs them (``q``, ``kv``, then :meth:`attend`)."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -52,9 +52,6 @@ class Attention(nn.Module):
         )  # [N, H, S, D/H]
         return self.out(y.transpose(1, 2).reshape(N * S, D)).view(N, S, D)  # a 2-D linear: one kernel
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.attend(self.q(q), *self.keys_values(self.kv(kv)), mask)
-
 
 class MLP(nn.Sequential):
     def __init__(self, d_model: int, mlp_ratio: int = 4, dropout: float = 0.0):
@@ -81,12 +78,16 @@ class Block(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: int = 4, dropout: float = 0.0, cross: bool = False):
         super().__init__()
-        self.cross = cross
         self.ln_q = nn.LayerNorm(d_model)
         self.ln_kv = nn.LayerNorm(d_model) if cross else None
         self.attn = Attention(d_model, n_heads, dropout)
         self.ln_mlp = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio, dropout)
+
+    @property
+    def cross(self) -> bool:
+        """A cross-attention block (it has a LayerNorm for its context)."""
+        return self.ln_kv is not None
 
     def self_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-attention: projected queries [..., D] and keys/values [..., 2D] of the tokens ``x``."""

@@ -8,7 +8,8 @@ Chunks follow each env's step clock: step t of a row is position ``t mod K`` of 
 episodes do. An episode start resets the slow vectors to a learned value and masks what came before it:
 the fast attention of later steps, and the slow update of the chunk. So the number of chunks in a call
 depends on T alone, every env completes a chunk on the same steps, and nothing in the computation depends
-on the data's values: no host syncs, static shapes (graph capture and ``fullgraph`` compilation work).
+on the data's values: no host syncs, static shapes (``torch.compile(fullgraph=True)`` works; the same
+property is what CUDA-graph capture needs, benchmarks/cuda_graph.py).
 Counting chunks from each episode start instead made MemoryS7's ~6-step episodes double the chunk count
 of a 128-step segment and run a slow update on most acting steps (envs completed chunks out of phase).
 
@@ -328,9 +329,9 @@ class TLBCore(Core):
             # Every chunk's learned queries at once: block b holds chunks bP/K .. (one more in the last block).
             S = max(wins.count(b) for b in range(nb))  # chunks of the fullest block (the last holds one more)
             per_block = plan.P // self.K
-            c = torch.arange(C, device=windows.device)
-            where = c + (c // per_block).clamp(max=nb - 1) * (S - per_block)  # chunk c's row: b * S + its place in b
             if nb > 1:  # place chunk c at its block's row; unused rows attend everywhere (no NaN), then drop
+                c = torch.arange(C, device=windows.device)
+                where = c + (c // per_block).clamp(max=nb - 1) * (S - per_block)  # row b * S + its place in b
                 mask = mask.new_ones(B, nb * S, mask.shape[-1]).index_copy(1, where, mask)
             mask = mask.view(B * nb, 1, S, -1).repeat_interleave(self.N, 2)
             log_keep, written = (v.view(B, nb * S, self.N, -1) for v in self._parallel_update(keys, values, mask, S))
@@ -348,7 +349,7 @@ class TLBCore(Core):
         for c in range(C):  # the only sequential loop: one iteration per chunk
             before.append(slow)
             slow = torch.where(resets[c], init, slow)
-            if (c + 1) * self.K <= plan.L + self.K - 1:  # else no clock lets chunk c complete in this call
+            if c * self.K < plan.L:  # else chunk c cannot complete in this call, whatever the clock
                 update = self._sequential_update(slow, keys[wins[c]], values[wins[c]], masks[c])
                 slow = torch.where(completes[c], update, slow)
         return torch.stack(before, 1), slow
