@@ -9,43 +9,35 @@ end to end into ``batch_size`` streams, with ``episode_starts`` marking where ea
 their memory there). The streams are cut into segments of ``seq_len`` steps; the core state at the end of a
 segment is carried, detached, into the next one, so an episode longer than a segment is still seen whole.
 The loss is the cross-entropy of the bot's actions. Validation success on held-out env seeds (never a demo
-seed) picks ``best.pt`` and stops training early.
+seed) picks ``best.pt`` and stops training early (``patience``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.demos import DemoDataset, load_demos
-from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE, evaluate
-from agents.ppo import resolve_device
-from envs import make_env
-from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
-from tlb_rl.config import AgentConfig, from_dict, to_dict
+from agents.base import Agent, AgentConfig
+from agents.dataset import DemoDataset, load_demos
 from tlb_rl.cores import State
 from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.errors import TrainingError, UserError
 from tlb_rl.logger import RunLogger
-from tlb_rl.policy import SequencePolicy
-from tlb_rl.spaces import policy_spaces_from_dict, policy_spaces_to_dict
 
 
 @dataclass
 class BCConfig(AgentConfig):
     """Everything a BC run depends on; a YAML config under configs/bc/ holds a subset of these keys.
 
-    The keys every agent has (env, env_kwargs, core, core_kwargs, encoder_kwargs, seed, device,
-    torch_threads, run_dir) are documented in :class:`tlb_rl.config.AgentConfig`.
+    The keys every agent has (env, core, seed, device, run_dir, eval_episodes, early stopping, init_from ...)
+    are documented in :class:`agents.base.AgentConfig`.
     """
 
     env: str = "BabyAI-GoToRedBallGrey-v0"
@@ -66,10 +58,8 @@ class BCConfig(AgentConfig):
     """Clip of the global gradient norm."""
     max_updates: int = 10_000
     """Gradient steps at most."""
-    eval_every: int = 200
+    eval_every_updates: int = 200
     """Gradient steps between evaluations (validation loss, success on held-out validation seeds)."""
-    eval_episodes: int = 100
-    """Episodes per validation evaluation (env seeds from 500,000)."""
     patience: int = 5
     """Stop after this many evaluations without a better validation success (0: never stop early)."""
     test_episodes: int = 500
@@ -78,8 +68,8 @@ class BCConfig(AgentConfig):
     """Evaluate with the most likely action (the bot's choice), not a sampled one."""
 
     def __post_init__(self) -> None:
-        at_least = {"n_demos": 1, "seq_len": 1, "batch_size": 1, "max_updates": 1, "eval_every": 1}
-        at_least |= {"eval_episodes": 1, "patience": 0, "test_episodes": 1}
+        at_least = {"n_demos": 1, "seq_len": 1, "batch_size": 1, "max_updates": 1, "eval_every_updates": 1}
+        at_least |= {"test_episodes": 1}
         self.check_ranges("BC", at_least, positive=("learning_rate", "max_grad_norm"))
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"BC key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
@@ -141,7 +131,7 @@ def pack_episodes(
     ]
 
 
-class BC:
+class BC(Agent):
     """Behaviour cloning with a sequence policy.
 
     :param env: a Gymnasium id (the demonstrations' env).
@@ -149,36 +139,48 @@ class BC:
     :param hyperparameters: any other field of :class:`BCConfig` (``dataset`` is needed to train).
     """
 
+    algo = "bc"
+    config_class = BCConfig
+    eval_parallel = 16
+    offline = True
+    config: BCConfig
+
     def __init__(self, env: str = "BabyAI-GoToRedBallGrey-v0", core: str = "tlb", **hyperparameters: Any):
-        self._setup(from_dict(BCConfig, {"env": env, "core": core, **hyperparameters}, "BC"), None)
+        super().__init__(env, core, **hyperparameters)
 
     @classmethod
-    def from_config(cls, config: BCConfig) -> BC:
-        model = cls.__new__(cls)
-        model._setup(config, None)
-        return model
+    def budget_keys(cls, config: BCConfig, total_frames: int, eval_every: int, where: str) -> dict[str, int]:
+        steps = config.batch_size * config.seq_len  # demonstration steps of a full gradient step
+        if total_frames % steps or eval_every % steps:
+            raise UserError(
+                f"{where}: total_frames ({total_frames}) and eval_every ({eval_every}) must be multiples "
+                f"of batch_size * seq_len ({steps}): BC counts them in gradient steps"
+            )
+        if not config.dataset:
+            raise UserError(f"{where}: no dataset; make one with `tlb-rl demos` and set `bc: {{dataset: DIR}}`")
+        return {"max_updates": total_frames // steps, "eval_every_updates": eval_every // steps}
 
-    def _setup(self, config: BCConfig, spaces: tuple[gym.Space, gym.Space] | None) -> None:
-        self.config = cfg = config
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        self.device = resolve_device(cfg.device, cfg.batch_size)
-        if spaces is None:
-            probe = make_env(cfg.env, **cfg.env_kwargs)
-            spaces = (probe.observation_space, probe.action_space)
-            probe.close()
-        self.observation_space, self.action_space = spaces
-        torch.manual_seed(cfg.seed)
-        self.policy = SequencePolicy(*spaces, cfg.core, cfg.core_kwargs, cfg.encoder_kwargs).to(self.device)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.learning_rate, fused=True)
-        self.updates = self.epochs = self.frames = 0
-        self.best_score: tuple[float, float] = (-1.0, -math.inf)  # (validation success, -validation loss)
-        self.stale_evals = 0
-        self._rng = np.random.default_rng(cfg.seed)
+    @classmethod
+    def check_inputs(cls, config: dict[str, Any], where: str) -> None:
+        dataset = config.get("dataset", "")
+        if not Path(dataset).is_dir():
+            raise UserError(f"{where}: dataset '{dataset}' is not a directory; make one with `tlb-rl demos`")
+
+    def sequences_per_step(self) -> int:
+        return self.config.batch_size
+
+    def _init_training_state(self) -> None:
+        self.epochs = 0
+        self._rng = np.random.default_rng(self.config.seed)
+        self._data: tuple[DemoDataset, DemoDataset | None] | None = None
 
     @property
-    def run_dir(self) -> Path | None:
-        return Path(self.config.run_dir) if self.config.run_dir else None
+    def test_episodes(self) -> int:
+        return self.config.test_episodes
+
+    @property
+    def deterministic(self) -> bool:
+        return self.config.deterministic
 
     # ------------------------------------------------------------------ data
     def load_dataset(self) -> tuple[DemoDataset, DemoDataset | None]:
@@ -204,56 +206,82 @@ class BC:
         n_val = min(max(n_val, 1 if cfg.val_fraction > 0 else 0), n - 1)
         return data.subset(np.arange(n - n_val)), data.subset(np.arange(n - n_val, n)) if n_val else None
 
-    # ------------------------------------------------------------------ training
-    def learn(self, progress: bool = True, data: tuple[DemoDataset, DemoDataset | None] | None = None) -> BC:
-        """Train until ``max_updates`` gradient steps, or until validation success stops improving.
+    def prepare(self) -> None:
+        if self._data is None:
+            self._data = self.load_dataset()
 
-        :param data: the (training, validation) split of :meth:`load_dataset`, if already loaded.
+    # ------------------------------------------------------------------ training
+    def learn(
+        self, max_updates: int | None = None, callback: Callable[..., bool | None] | None = None, progress: bool = True
+    ) -> BC:
+        """Train until ``max_updates`` gradient steps in all (default: the config's), or an early stop.
+
+        :param callback: called as ``callback(model, metrics)`` after every evaluation; returning False stops.
         """
         cfg = self.config
-        train, val = data or self.load_dataset()
+        limit = max_updates or cfg.max_updates
+        self.prepare()
+        assert self._data is not None
+        train, val = self._data
         run_dir = self.run_dir
         if run_dir is not None:
             self._prepare_run_dir(run_dir)
         segments = self._epoch(train)
         # Frames (the x axis) count demonstration steps trained on; a packed update holds about this many.
         steps_per_update = int(train.lengths.sum()) / len(segments)
-        logger = RunLogger(run_dir, int(cfg.max_updates * steps_per_update), progress, start_frames=self.frames)
-        stats: dict[str, list[float]] = {}
-        t0 = time.perf_counter()
+        logger = RunLogger(run_dir, int(limit * steps_per_update), progress, start_frames=self.frames)
         try:
-            while True:
-                state = self.policy.initial_state(segments[0].actions.shape[0])
-                for segment in segments:
-                    step, state = self._gradient_step(segment, state)
-                    for k, v in step.items():
-                        stats.setdefault(k, []).append(v)
-                    self.updates += 1
-                    self.frames += int(step["n"])
-                    if self.updates % cfg.eval_every == 0 or self.updates == cfg.max_updates:
-                        metrics = {k: float(np.mean(v)) for k, v in stats.items() if k != "n"}
-                        metrics["train/epoch"] = self.epochs
-                        metrics["time/steps_per_s"] = sum(stats["n"]) / (time.perf_counter() - t0)
-                        stats = {}
-                        metrics.update(self._validate(val))
-                        logger.log(self.frames, metrics)
-                        if run_dir is not None:
-                            self.save(run_dir / "checkpoints" / "latest.pt")
-                        t0 = time.perf_counter()
-                    if self.updates >= cfg.max_updates or self._stop_early():
-                        return self
-                self.epochs += 1
-                segments = self._epoch(train)
+            with self._interrupt_after_update():
+                self._train_epochs(train, val, segments, limit, logger, callback)
         finally:
             logger.close()
+        if run_dir is not None and self._stop_requested:
+            self.save(run_dir / "checkpoints" / "latest.pt")
+        self._raise_if_interrupted()
+        return self
+
+    def _train_epochs(
+        self,
+        train: DemoDataset,
+        val: DemoDataset | None,
+        segments: list[Segment],
+        limit: int,
+        logger: RunLogger,
+        callback: Callable[..., bool | None] | None,
+    ) -> None:
+        """Gradient steps over freshly shuffled epochs, evaluating every ``eval_every_updates``, until a stop."""
+        cfg, run_dir = self.config, self.run_dir
+        stats: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        while True:
+            state = self.policy.initial_state(segments[0].actions.shape[0])
+            for segment in segments:
+                step, state = self._gradient_step(segment, state)
+                for k, v in step.items():
+                    stats.setdefault(k, []).append(v)
+                self.updates += 1
+                self.frames += int(step["n"])
+                if self.updates % cfg.eval_every_updates == 0 or self.updates == limit:
+                    metrics = {k: float(np.mean(v)) for k, v in stats.items() if k != "n"}
+                    metrics["train/epoch"] = self.epochs
+                    metrics["time/steps_per_s"] = sum(stats["n"]) / (time.perf_counter() - t0)
+                    stats = {}
+                    metrics.update(self._validate_bc(val))
+                    logger.log(self.frames, metrics)
+                    if run_dir is not None:
+                        self.save(run_dir / "checkpoints" / "latest.pt")
+                    if callback is not None and callback(self, metrics) is False:
+                        return
+                    t0 = time.perf_counter()
+                if self.updates >= limit or self._should_stop() or self._stop_requested:
+                    return
+            self.epochs += 1
+            segments = self._epoch(train)
 
     def _epoch(self, train: DemoDataset) -> list[Segment]:
         """The training episodes in a fresh random order, packed into segments."""
         order = self._rng.permutation(len(train))
         return pack_episodes(train, order, self.config.batch_size, self.config.seq_len, self.device)
-
-    def _stop_early(self) -> bool:
-        return self.config.patience > 0 and self.stale_evals >= self.config.patience
 
     def _gradient_step(self, segment: Segment, state: State) -> tuple[dict[str, float], State]:
         """One cross-entropy step on a segment; returns the detached state to carry into the next segment."""
@@ -301,144 +329,23 @@ class BC:
             total, correct, n = total + loss.item() * k, correct + accuracy * k, n + k
         return total / n, correct / n
 
-    def _validate(self, val: DemoDataset | None) -> dict[str, float]:
-        """Validation loss and success on held-out seeds; keeps ``best.pt`` and counts evaluations without gain."""
+    def _validate_bc(self, val: DemoDataset | None) -> dict[str, float]:
+        """Validation loss (the tie-break of equal success) and success on held-out seeds."""
         metrics: dict[str, float] = {}
         val_loss = math.nan
         if val is not None:
             val_loss, val_acc = self.validation_loss(val)
             metrics.update({"validation/loss": val_loss, "validation/accuracy": val_acc})
-        result = self.evaluate(seed_start=VALIDATION_SEED_BASE, n_episodes=self.config.eval_episodes)
-        metrics.update(
-            {
-                "validation/success_rate": result["success_rate"],
-                "validation/return": result["mean_return"],
-                "validation/length": result["mean_length"],
-            }
-        )
-        score = (result["success_rate"], -val_loss if val is not None else 0.0)
-        if score > self.best_score:
-            self.best_score, self.stale_evals = score, 0
-            if self.run_dir is not None:
-                self.save(self.run_dir / "checkpoints" / "best.pt")
-        else:
-            self.stale_evals += 1
+        metrics.update(self._validate(-val_loss if val is not None else 0.0))
         return metrics
 
-    def _prepare_run_dir(self, run_dir: Path) -> None:
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
-        except OSError as e:
-            raise UserError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
-
-    # ------------------------------------------------------------------ evaluation
-    def make_eval_env(self, **kwargs: Any) -> gym.Env:
-        return make_env(self.config.env, **self.config.env_kwargs, **kwargs)
-
-    def evaluate(
-        self,
-        n_episodes: int | None = None,
-        gif_path: str | Path | None = None,
-        deterministic: bool | None = None,
-        seed_start: int = EVAL_SEED_BASE,
-    ) -> dict[str, Any]:
-        """Success rate and returns on env seeds ``seed_start`` onwards (default: the held-out test seeds).
-
-        :param deterministic: None takes the config's choice.
-        """
-        self.policy.eval()
-        return evaluate(
-            self.policy,
-            self.make_eval_env,
-            self.config.test_episodes if n_episodes is None else n_episodes,
-            seed_start,
-            n_parallel=16,
-            deterministic=self.config.deterministic if deterministic is None else deterministic,
-            gif_path=gif_path,
-        )
-
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> None:
-        """Write the policy (the part PPO's ``init_from`` reads), optimizer and progress to ``path``."""
-        save_checkpoint(
-            {
-                "algo": "bc",
-                "config": to_dict(self.config),
-                "spaces": policy_spaces_to_dict(self.observation_space, self.action_space),
-                "policy": self.policy.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "progress": {
-                    "updates": self.updates,
-                    "epochs": self.epochs,
-                    "frames": self.frames,
-                    "best_score": list(self.best_score),
-                    "stale_evals": self.stale_evals,
-                },
-            },
-            path,
-        )
+    def _progress(self) -> dict[str, Any]:
+        return {**super()._progress(), "epochs": self.epochs}
 
-    @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> BC:
-        """Load a model saved by :meth:`save`; ``overrides`` replace the saved config's values."""
-        data = load_checkpoint(path)
-        if data.get("algo") != "bc":
-            raise UserError(f"{path} is a '{data.get('algo')}' checkpoint, not a BC one")
-        missing = {"config", "spaces", "policy", "optimizer", "progress"} - set(data)
-        if missing:
-            raise UserError(f"checkpoint {path} is incomplete: it has no {', '.join(sorted(missing))}")
-        config = from_dict(BCConfig, {**data["config"], **overrides}, "BC")
-        model = cls.__new__(cls)
-        model._setup(config, policy_spaces_from_dict(data["spaces"]))
-        try:
-            model.policy.load_state_dict(data["policy"])
-            model.optimizer.load_state_dict(data["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"checkpoint {path} does not fit its config (core or spaces differ): {msg}") from None
-        progress = data["progress"]
-        model.updates, model.epochs, model.frames = progress["updates"], progress["epochs"], progress["frames"]
-        model.best_score = tuple(progress["best_score"])  # type: ignore[assignment]
-        model.stale_evals = progress["stale_evals"]
-        return model
+    def _restore(self, data: dict[str, Any]) -> None:
+        super()._restore(data)
+        self.epochs = data["progress"]["epochs"]
 
 
-def train_from_cli(config_path: str | None, overrides: list[str], progress: bool = True, gif: bool = True) -> Path:
-    """``tlb-rl bc``: train, evaluate ``best.pt`` on ``test_episodes`` held-out seeds, plot, write a GIF."""
-    from tlb_rl.config import apply_overrides, load_yaml
-    from tlb_rl.plots import plot_learning_curve
-
-    config = from_dict(BCConfig, apply_overrides(load_yaml(config_path) if config_path else {}, overrides), "BC")
-    if config.run_dir is None:
-        name = Path(config_path).stem if config_path else "bc"
-        n = f"-n{config.n_demos}" if config.n_demos else ""
-        config.run_dir = str(Path("runs") / f"{name}-{config.core}{n}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    model = BC.from_config(config)
-    data = model.load_dataset()  # a bad dataset stops here, before a run directory is announced
-    run_dir = model.run_dir
-    assert run_dir is not None
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", file=sys.stderr)
-    try:
-        model.learn(progress=progress, data=data)
-    except KeyboardInterrupt:
-        model.save(run_dir / "checkpoints" / "latest.pt")
-        print(f"\ninterrupted after {model.updates} updates; checkpoint saved in {run_dir}", file=sys.stderr)
-        sys.exit(130)
-    best = run_dir / "checkpoints" / "best.pt"
-    model = BC.load(best)
-    probe = model.make_eval_env()
-    can_render = "rgb_array" in probe.metadata.get("render_modes", [])
-    probe.close()
-    result = model.evaluate(gif_path=run_dir / "episode.gif" if gif and can_render else None)
-    result.update({"checkpoint": str(best), "updates": model.updates, "n_demos": config.n_demos})
-    (run_dir / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"final evaluation on {result['episodes']} held-out episodes: success {result['success_rate']:.3f}  "
-        f"({run_dir / 'final_eval.json'})"
-    )
-    print(f"learning curve: {plot_learning_curve(run_dir)}")
-    return run_dir
-
-
-__all__ = ["BC", "BCConfig", "pack_episodes", "train_from_cli"]
+__all__ = ["BC", "BCConfig", "pack_episodes"]

@@ -16,7 +16,12 @@ import gymnasium as gym
 import numpy as np
 
 TRAINING_SEED_LIMIT = 500_000
-"""Training episodes use env seeds below this; evaluation seeds start at or above it."""
+"""Training episodes (and recorded demonstrations) use env seeds below this."""
+VALIDATION_SEED_BASE = TRAINING_SEED_LIMIT
+"""Env seeds of the evaluations that pick the best checkpoint during training start here, so the reported
+success is not measured on the episodes that selected the checkpoint."""
+EVAL_SEED_BASE = 1_000_000
+"""Env seeds of reported evaluations (final evaluation, ``tlb-rl eval``) start here."""
 
 
 def episode_seed(stream: int, episode: int) -> int:

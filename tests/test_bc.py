@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from agents.bc import BC, pack_episodes
-from agents.demos import DATA_FILE, generate_demos, load_demos
+from agents.bot import generate_demos
+from agents.dataset import DATA_FILE, load_demos
+from commands.cli import main
 from tlb_rl.checkpoint import load_checkpoint
-from tlb_rl.cli import main
 from tlb_rl.errors import UserError
 from tlb_rl.policy import SequencePolicy
 from tlb_rl.spaces import space_from_dict
@@ -29,10 +30,12 @@ def demos_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def overfit_run(demos_dir, tmp_path_factory: pytest.TempPathFactory):
-    """``tlb-rl bc`` on 20 demonstrations, no validation split, evaluated once at the end."""
+    """``tlb-rl train --algo bc`` on 20 demonstrations, no validation split, evaluated once at the end."""
     run_dir = tmp_path_factory.mktemp("bc") / "run"
     main(
         [
+            "train",
+            "--algo",
             "bc",
             "--config",
             "configs/bc/babyai_gotoredballgrey.yaml",
@@ -43,7 +46,7 @@ def overfit_run(demos_dir, tmp_path_factory: pytest.TempPathFactory):
             "val_fraction=0",
             "batch_size=20",
             "max_updates=120",
-            "eval_every=120",
+            "eval_every_updates=120",
             "seq_len=16",
             "eval_episodes=2",
             "test_episodes=2",
@@ -82,6 +85,14 @@ def test_run_dir_and_checkpoint_contract(overfit_run) -> None:
     policy.load_state_dict(data["policy"])
 
 
+def test_bc_runs_are_not_resumed_inexactly(overfit_run, capsys) -> None:
+    """BC reshuffles its epochs from the seed, so a resumed run would not continue the interrupted one."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", str(overfit_run)])
+    assert exit_info.value.code == 2
+    assert "bc runs cannot be resumed exactly" in capsys.readouterr().err
+
+
 def test_eval_command_reads_bc_runs(overfit_run, capsys) -> None:
     main(["eval", str(overfit_run), "--episodes", "3"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -113,7 +124,8 @@ def test_bad_datasets_give_one_line(demos_dir, tmp_path, capsys) -> None:
     raw = (demos_dir / DATA_FILE).read_bytes()
     (tmp_path / DATA_FILE).write_bytes(raw[:1000])
     with pytest.raises(SystemExit) as exit_info:
-        main(["bc", "--config", "configs/bc/babyai_gotoredballgrey.yaml", f"dataset={tmp_path}", "--no-progress"])
+        config = "configs/bc/babyai_gotoredballgrey.yaml"
+        main(["train", "--algo", "bc", "--config", config, f"dataset={tmp_path}", "--no-progress"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "truncated or corrupt" in err

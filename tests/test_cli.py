@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tlb_rl.cli import main
+from commands.cli import main
 
 TINY = [
     "env=tmaze",
@@ -84,7 +84,7 @@ def test_train_writes_a_complete_run_directory_and_eval_reads_it(tmp_path, capsy
         (["train", "env=MiniGrid-MemoryS7-v9"], "MiniGrid-MemoryS7-v0"),
         (
             ["train", "env=tmaze", "learnin_rate=0.1"],
-            "unknown config key 'learnin_rate' (did you mean 'learning_rate'?)",
+            "unknown PPO key 'learnin_rate' (did you mean 'learning_rate'?)",
         ),
         (["train", "env=tmaze", "n_steps=many"], "'n_steps' must be int"),
         (["train", "env=tmaze", "core=lstn"], "unknown core 'lstn' (did you mean 'lstm'?)"),
@@ -92,6 +92,8 @@ def test_train_writes_a_complete_run_directory_and_eval_reads_it(tmp_path, capsy
         (["train", "env=tmaze", "core_kwargs.chunk_size=0"], "chunk_size"),
         (["train", "--config", "no/such/config.yaml"], "config file not found"),
         (["eval", "no/such/run"], "no checkpoint at"),
+        (["train", "--algo", "sac", "env=tmaze"], "unknown algorithm 'sac'; known: ppo, bc"),
+        (["train", "--algo", "bc", "patiense=2"], "unknown BC key 'patiense' (did you mean 'patience'?)"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, message, capsys):
@@ -128,11 +130,11 @@ def test_corrupt_and_malicious_checkpoints_are_refused(tmp_path, capsys):
 
 def test_console_script_lists_commands_and_envs():
     help_text = subprocess.run(
-        [sys.executable, "-m", "tlb_rl.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "commands.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for command in ("train", "eval", "envs"):
         assert command in help_text
     listing = subprocess.run(
-        [sys.executable, "-m", "tlb_rl.cli", "envs"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "commands.cli", "envs"], capture_output=True, text=True, check=True
     ).stdout
     assert "MiniGrid-MemoryS7-v0" in listing and "tmaze" in listing

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.demos import DATA_FILE, demos_from_minari, demos_to_minari, generate_demos, load_demos
+from agents.bot import generate_demos
+from agents.dataset import DATA_FILE, demos_from_minari, demos_to_minari, load_demos
+from commands.cli import main
 from envs import make_env
-from tlb_rl.cli import main
 from tlb_rl.errors import UserError
 
 ENV = "BabyAI-GoToLocal-v0"

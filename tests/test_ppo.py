@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from agents import PPO
+from agents.base import AUTO_CUDA_MIN_BATCH, resolve_device
 from agents.buffer import RolloutBuffer, compute_gae
-from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE
-from agents.ppo import AUTO_CUDA_MIN_BATCH, _EpisodeStats, resolve_device
+from agents.ppo import _EpisodeStats
+from envs.seeding import EVAL_SEED_BASE, VALIDATION_SEED_BASE
 from tlb_rl.cores import CORES
 from tlb_rl.errors import UserError
 
@@ -239,3 +240,16 @@ def test_auto_device_takes_a_gpu_only_for_large_batches(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="no CUDA GPU"):
         resolve_device("cuda", 8)
+
+
+def test_target_success_stops_training_at_the_first_evaluation_that_reaches_it(tmp_path):
+    """A T-maze of corridor 1 is solved by chance about half the time, so a target of 0.05 is met at once."""
+    common = {"env_kwargs": {"corridor_length": 1}, "n_envs": 2, "n_steps": 16, "batch_size": 32, "eval_every": 32}
+    model = PPO("tmaze", core="none", core_kwargs=SMALL_CORES["none"], eval_episodes=20, total_frames=320, **common)
+    model.config.target_success = 0.05
+    model.config.run_dir = str(tmp_path)
+    model.learn(progress=False)
+    assert model.frames == 32 and model.last_success >= 0.05
+    assert (tmp_path / "checkpoints" / "best.pt").exists()
+    with pytest.raises(UserError, match="'target_success' must be in"):
+        PPO("tmaze", core="none", target_success=1.5)

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from agents import PPO
+from commands.cli import main
 from envs import make_env, make_vec_env
 from envs.seeding import TRAINING_SEED_LIMIT, SeededEpisodes, episode_seed
 from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
-from tlb_rl.cli import main
 
 TLB_SMALL = {"d_model": 16, "n_heads": 2, "chunk_size": 4, "n_slow": 2}
 # Checkpoints below are taken in the middle of DoorKey episodes.
@@ -65,7 +65,7 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
 
 def _tlb_rl(*args: str, cwd: Path) -> subprocess.Popen:
     """``tlb-rl ARGS`` as a child process (the same entry point as the console script)."""
-    code = "import sys; from tlb_rl.cli import main; sys.argv[0] = 'tlb-rl'; main()"
+    code = "import sys; from commands.cli import main; sys.argv[0] = 'tlb-rl'; main()"
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         cwd=cwd,
@@ -309,7 +309,7 @@ def saved_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 BAD_INPUTS = {
     "unknown env id": (["train", "env=MiniGrid-MemoryS7-v9"], "unknown env 'MiniGrid-MemoryS7-v9'"),
-    "unknown config key": (["train", "learnin_rate=0.1"], "unknown config key 'learnin_rate'"),
+    "unknown config key": (["train", "learnin_rate=0.1"], "unknown PPO key 'learnin_rate'"),
     "wrong value type": (["train", "n_envs=eight"], "'n_envs' must be int"),
     "value out of range": (["train", "n_envs=0"], "'n_envs' must be at least 1"),
     "unknown core": (["train", "core=lstn"], "unknown core 'lstn'"),

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
-from tlb_rl.cli import main
+from commands.cli import main
+from commands.study import report as report_mod
+from commands.study import runner, stats
+from commands.study.config import RunSpec, load_study
 from tlb_rl.errors import UserError
-from tlb_rl.study import report as report_mod
-from tlb_rl.study import runner, stats
-from tlb_rl.study.config import RunSpec, load_study
 
 TINY_STUDY = {
     "name": "tiny",
@@ -147,7 +147,7 @@ def test_grid_merges_layers_and_every_cell_is_a_run(tmp_path):
         "agents": [{"name": "ppo"}, {"name": "fast", "overrides": {"learning_rate": 0.01}}],
         "baselines": {"recurrentppo": {"n_epochs": 3}},
     }
-    from tlb_rl.study.config import expand
+    from commands.study.config import expand
 
     runs = expand(load_study(write_config(tmp_path, data)))
     assert len(runs) == 2 * 1 * (2 * 2 + 1)  # seeds x envs x (agents x cores + baseline)
@@ -203,8 +203,8 @@ def test_a_run_that_fails_once_succeeds_on_retry(tmp_path, monkeypatch):
 
 
 def test_recurrentppo_baseline_writes_a_run_directory_like_ours(tmp_path, monkeypatch):
-    from agents.evaluate import EVAL_SEED_BASE
-    from tlb_rl.study.sb3_baseline import RecurrentPPOConfig, train
+    from commands.study.sb3_baseline import RecurrentPPOConfig, train
+    from envs.seeding import EVAL_SEED_BASE
 
     temp = tmp_path / "temp"
     temp.mkdir()
@@ -315,7 +315,7 @@ def tiny_bc_study(dataset: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def bc_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from agents.demos import generate_demos
+    from agents.bot import generate_demos
 
     out = tmp_path_factory.mktemp("study-bc") / "demos"
     generate_demos(BC_ENV, 20, out, seed=0, progress=False)
@@ -323,11 +323,11 @@ def bc_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bc_rows_take_their_budget_in_gradient_steps_and_need_a_dataset(tmp_path, bc_demos):
-    from tlb_rl.study.config import expand
+    from commands.study.config import expand
 
     runs = expand(load_study(write_config(tmp_path, tiny_bc_study(bc_demos))))
     assert [(r.row, r.algo) for r in runs] == [("tlb-bc", "bc"), ("lstm-bc", "bc")]
-    assert (runs[0].config["max_updates"], runs[0].config["eval_every"]) == (3, 1)  # 96 and 32 steps of 32
+    assert (runs[0].config["max_updates"], runs[0].config["eval_every_updates"]) == (3, 1)  # 96 and 32 steps of 32
     with pytest.raises(UserError, match="multiples of batch_size \\* seq_len \\(32\\)"):
         data = tiny_bc_study(bc_demos)
         data["envs"][0]["eval_every"] = 40
@@ -348,11 +348,11 @@ def test_tiny_bc_study_end_to_end(tmp_path, bc_demos, capsys):
     assert run_compare(["report", str(study_dir)], capsys) == 0
     report = json.loads((study_dir / "report.json").read_text())
     rows = report["envs"]["redball"]["rows"]
-    assert list(rows) == ["tlb-bc", "lstm-bc"] and report["bc_rows"] == ["tlb-bc", "lstm-bc"]
+    assert list(rows) == ["tlb-bc", "lstm-bc"] and report["offline_rows"] == ["tlb-bc", "lstm-bc"]
     assert report["seeds"]["validation_env_seeds"] == {"redball": [500_000, 500_003]}  # the BC rows' 4 episodes
     for row in rows.values():
         assert row["runs"] == 1 and not row["missing"] and len(row["curve"]["iqm"]) == 3
         assert row["steps_per_s_mean"] > 0
     metrics = [json.loads(line) for line in next(study_dir.glob("runs/redball/tlb-bc/s0/metrics.jsonl")).open()]
     assert [m["frames"] <= 32 * (i + 1) for i, m in enumerate(metrics)] == [True] * 3  # on or before the grid
-    assert "BC rows (tlb-bc, lstm-bc)" in (study_dir / "report.md").read_text()
+    assert "Rows trained on demonstrations (tlb-bc, lstm-bc)" in (study_dir / "report.md").read_text()

@@ -9,7 +9,6 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,40 +108,3 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
-
-@dataclass
-class AgentConfig:
-    """The keys every agent's config has; ``agents.PPOConfig`` and ``agents.bc.BCConfig`` add their own."""
-
-    env: str = "MiniGrid-MemoryS7-v0"
-    """Environment: a Gymnasium id, ``module:Factory``, ``file.py:Factory`` or a plug-in name."""
-    env_kwargs: dict = field(default_factory=dict)
-    """Options of the environment (e.g. ``view_size: 3`` for MiniGrid)."""
-    core: str = "tlb"
-    """Memory core: tlb, lstm, gru, transformer, brsm, none."""
-    core_kwargs: dict = field(default_factory=dict)
-    """Hyperparameters of the core (see ``tlb_rl.cores``)."""
-    encoder_kwargs: dict = field(default_factory=dict)
-    """Options of the observation encoder."""
-    seed: int = 0
-    """Seeds torch and the agent's sampling and shuffling (and for PPO the envs: env i gets seed + i)."""
-    device: str = "auto"
-    """``cpu``, ``cuda`` or ``auto``: CUDA when there is one and at least 32 sequences run per step (PPO's
-    ``n_envs``, BC's ``batch_size``); below that a small policy is launch-bound and no faster on a GPU."""
-    torch_threads: int | None = None
-    """``torch.set_num_threads`` (None: torch's default)."""
-    run_dir: str | None = None
-    """Directory for logs, checkpoints, plots (None: keep nothing on disk)."""
-
-    def check_ranges(self, agent: str, at_least: dict[str, int], positive: tuple[str, ...] = ()) -> None:
-        """Raise a :class:`UserError` naming the first key below its bound (None values are not checked).
-
-        :param agent: the agent's name in the message ("PPO key 'n_envs' must be ...").
-        """
-        for key, low in {**at_least, "torch_threads": 1}.items():
-            value = getattr(self, key)
-            if value is not None and value < low:
-                raise UserError(f"{agent} key '{key}' must be at least {low}, got {value}")
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise UserError(f"{agent} key '{key}' must be positive, got {getattr(self, key)}")

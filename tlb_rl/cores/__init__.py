@@ -7,7 +7,8 @@ import inspect
 
 from tlb_rl.cores.base import Core, State
 from tlb_rl.cores.brsm import BRSMCore
-from tlb_rl.cores.rnn import FeedForwardCore, RNNCore
+from tlb_rl.cores.feedforward import FeedForwardCore
+from tlb_rl.cores.rnn import RNNCore
 from tlb_rl.cores.tlb import TLBCore
 from tlb_rl.cores.transformer import WindowTransformerCore
 from tlb_rl.errors import UserError

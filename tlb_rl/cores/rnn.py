@@ -123,21 +123,3 @@ class RNNCore(Core):
         last = first + n_pieces - 1  # each row's last piece holds its final state (h_n keeps input order)
         return out.data.index_select(0, slot).view(B, T, -1), [h[:, last] for h in new]
 
-
-class FeedForwardCore(Core):
-    """No memory: one hidden layer applied to every step on its own (the ``none`` baseline)."""
-
-    has_memory = False
-
-    def __init__(self, input_dim: int, hidden_size: int = 128):
-        super().__init__()
-        check_sizes(hidden_size=hidden_size)
-        self.net = nn.Sequential(nn.Linear(input_dim, hidden_size), nn.ReLU())
-        self.input_dim, self.output_dim = input_dim, hidden_size
-
-    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        return {}
-
-    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
-        check_inputs(x, episode_starts, self.input_dim)
-        return self.net(x), state

@@ -10,8 +10,6 @@ the fast attention of later steps, and the slow update of the chunk. So the numb
 depends on T alone, every env completes a chunk on the same steps, and nothing in the computation depends
 on the data's values: no host syncs, static shapes (``torch.compile(fullgraph=True)`` works; the same
 property is what CUDA-graph capture needs, benchmarks/cuda_graph.py).
-Counting chunks from each episode start instead made MemoryS7's ~6-step episodes double the chunk count
-of a 128-step segment and run a slow update on most acting steps (envs completed chunks out of phase).
 
 Two slow updates:
 
@@ -19,7 +17,7 @@ Two slow updates:
   MLP), gated or residual. Its queries depend on the slow state, so chunks are read one after another.
 - ``slow_update="parallel"``: learned queries read every chunk at once, and gates per slow vector mix the
   result in, ``s_c = f_c * s_{c-1} + i_c * u_c``: a linear recurrence, computed for all chunks as one
-  [C, C] matrix product. Cheaper, but it learned less (docs/benchmarks.md).
+  [C, C] matrix product. Cheaper to train; how each learns: docs/benchmarks.md.
 
 The slow update reads the chunk's tokens as the first R layers leave them, before they meet the slow
 state (the paper's reads the last fast layer, which would put every later fast layer inside the
@@ -73,8 +71,7 @@ class TLBCore(Core):
 
     The defaults (width 64, K = 16 steps per chunk, N = 8 slow vectors, two fast layers, MLP ratio 2, gated
     sequential slow update) have about as many parameters as the default LSTM core (hidden 128): ~152k
-    against ~132k with 128 inputs. K = 16 halves the slow stream's loop against K = 8; it learned as well as
-    K = 8 in the earlier core's 3-seed study (docs/results.md), this core's learning is in docs/benchmarks.md.
+    against ~132k with 128 inputs. Why these defaults: docs/results.md and docs/benchmarks.md.
 
     :param input_dim: width of the inputs.
     :param d_model: width of fast tokens and slow vectors; also the output width.
@@ -86,12 +83,9 @@ class TLBCore(Core):
     :param mlp_ratio: hidden width of the MLPs as a multiple of ``d_model``.
     :param dropout: dropout in the MLPs.
     :param gated: sequential update only: mix the update into the slow vectors through a learned gate
-        (default) instead of adding it residually, as the paper does; residual updates let the slow
-        vectors' norm grow with every chunk (measured on the T-maze: docs/results.md).
+        (default) instead of adding it residually as the paper does (measured: docs/results.md).
     :param slow_update: ``"sequential"`` (the paper's: the slow vectors query each chunk in turn) or
-        ``"parallel"`` (learned queries read every chunk at once and gates per slow vector mix the result in:
-        a linear recurrence computed as one matrix product; half the ops to train, but it did not learn the
-        T-maze with a 100-step corridor, where the sequential update did). Both measured in docs/benchmarks.md.
+        ``"parallel"`` (learned queries read all chunks at once; a gated linear recurrence). See docs/cores.md.
     """
 
     def __init__(

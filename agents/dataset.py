@@ -1,6 +1,5 @@
-"""Expert demonstrations: the BabyAI bot plays, a compact file keeps what the policy saw and what the bot did.
+"""The demonstration format: a compact file keeps what the policy saw and what the expert did.
 
-    dataset = generate_demos("BabyAI-GoToLocal-v0", n_episodes=1000, out="demos/gotolocal", workers=2)
     dataset = load_demos("demos/gotolocal", env="BabyAI-GoToLocal-v0")
     obs, actions = dataset.episode(0)
 
@@ -15,32 +14,20 @@ mission) are stored once per episode. Why not Minari's HDF5 directly: see ``demo
 from __future__ import annotations
 
 import json
-import multiprocessing
-import signal
-import threading
-import time
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from tqdm import tqdm
 
-from agents.evaluate import VALIDATION_SEED_BASE
-from envs import make_env
 from tlb_rl.errors import UserError
 from tlb_rl.spaces import space_from_dict, space_to_dict
 
 FORMAT = "tlb-rl-demos"
 FORMAT_VERSION = 1
 DATA_FILE = "demos.npz"
-EPISODE_TIME_LIMIT_S = 10.0
-"""Wall-clock limit of one bot episode: the bot's planner can loop forever on a level it cannot solve."""
-GIVE_UP_AFTER = 20
-"""If the bot fails this many episodes in a row from the start, the level is taken as one it cannot solve."""
 
 
 @dataclass
@@ -53,159 +40,6 @@ class DemoEpisode:
     rewards: np.ndarray
     success: bool
     error: str | None = None
-
-
-class _EpisodeTimeout(Exception):
-    pass
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise _EpisodeTimeout
-
-
-def bot_episode(env: gym.Env, seed: int) -> DemoEpisode:
-    """Let the BabyAI bot play the episode of env seed ``seed`` on a wrapped env from :func:`envs.make_env`.
-
-    The bot plans on the unwrapped BabyAI level; the observations kept are the wrapper's. An episode that
-    raises or runs out of steps or time comes back with ``success=False`` and the reason in ``error``.
-    """
-    from minigrid.utils.baby_ai_bot import BabyAIBot
-
-    obs, _ = env.reset(seed=seed)
-    observations, actions, rewards = [obs], [], []
-    success, error = False, None
-    timed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
-    if timed:
-        previous = signal.signal(signal.SIGALRM, _on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, EPISODE_TIME_LIMIT_S)
-    try:
-        bot = BabyAIBot(env.unwrapped)
-        while True:
-            action = int(bot.replan())
-            obs, reward, terminated, truncated, _ = env.step(action)
-            observations.append(obs)
-            actions.append(action)
-            rewards.append(reward)
-            if terminated or truncated:
-                success = bool(terminated and reward > 0)
-                error = None if success else ("ran out of steps" if truncated else "ended without reward")
-                break
-    except _EpisodeTimeout:
-        error = f"the bot planned for more than {EPISODE_TIME_LIMIT_S:g} s"
-    except Exception as e:  # the bot asserts on situations it does not handle
-        error = f"the bot failed: {type(e).__name__}: {e}"
-    finally:
-        if timed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-    return DemoEpisode(
-        seed=seed,
-        obs={k: np.stack([o[k] for o in observations]) for k in observations[0]},
-        actions=np.asarray(actions, dtype=np.int64),
-        rewards=np.asarray(rewards, dtype=np.float32),
-        success=success,
-        error=error,
-    )
-
-
-_worker_env: gym.Env | None = None
-
-
-def _play_seeds(job: tuple[str, dict[str, Any], list[int]]) -> list[DemoEpisode]:
-    """Worker: play a list of seeds with one env kept for the process's lifetime."""
-    global _worker_env
-    env_id, env_kwargs, seeds = job
-    if _worker_env is None:
-        _worker_env = make_env(env_id, **env_kwargs)
-    return [bot_episode(_worker_env, s) for s in seeds]
-
-
-def check_bot_env(env_id: str, env_kwargs: dict[str, Any]) -> gym.Env:
-    """The wrapped env, or a UserError if the BabyAI bot cannot play it."""
-    from minigrid.envs.babyai.core.roomgrid_level import RoomGridLevel
-
-    env = make_env(env_id, **env_kwargs)
-    if not isinstance(env.unwrapped, RoomGridLevel):
-        env.close()
-        raise UserError(
-            f"the BabyAI bot plays BabyAI levels only (BabyAI-...-v0); '{env_id}' is a {type(env.unwrapped).__name__}"
-        )
-    return env
-
-
-def _chunks(seeds: range, size: int) -> Iterator[list[int]]:
-    for i in range(0, len(seeds), size):
-        yield list(seeds[i : i + size])
-
-
-def generate_demos(
-    env_id: str,
-    n_episodes: int,
-    out: str | Path,
-    *,
-    workers: int = 1,
-    seed: int = 0,
-    env_kwargs: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> DemoDataset:
-    """Let the BabyAI bot play env seeds ``seed .. seed + n_episodes - 1``; keep and save the successful ones.
-
-    :param workers: processes playing in parallel (1: play in this process).
-    :param seed: first env seed; all seeds must stay below the validation/evaluation seeds (500,000).
-    :return: the saved dataset (its header counts the failures and lists their seeds).
-    :raises UserError: a level the bot cannot play or solve, seeds that reach the held-out range.
-    """
-    env_kwargs = dict(env_kwargs or {})
-    if n_episodes < 1 or workers < 1:
-        raise UserError(f"episodes and workers must be at least 1, got {n_episodes} and {workers}")
-    if seed < 0 or seed + n_episodes > VALIDATION_SEED_BASE:
-        raise UserError(
-            f"demo seeds {seed}..{seed + n_episodes - 1} must lie in 0..{VALIDATION_SEED_BASE - 1}: "
-            "higher seeds are held out for validation and evaluation"
-        )
-    env = check_bot_env(env_id, env_kwargs)
-    spaces = (env.observation_space, env.action_space)
-    # A few episodes here first: a level the bot cannot solve fails fast with a message, not after N tries.
-    first = [bot_episode(env, s) for s in range(seed, seed + min(GIVE_UP_AFTER, n_episodes))]
-    env.close()
-    if not any(e.success for e in first):
-        raise UserError(
-            f"the BabyAI bot solved none of the first {len(first)} episodes of {env_id} "
-            f"({first[0].error}); it cannot generate demonstrations for this level"
-        )
-    episodes = list(first)
-    start = time.perf_counter()
-    rest = range(seed + len(first), seed + n_episodes)
-    bar = tqdm(total=n_episodes, initial=len(first), unit="ep", disable=not progress, dynamic_ncols=True)
-    jobs = [(env_id, env_kwargs, c) for c in _chunks(rest, 50)]
-    if workers == 1:
-        results: Iterator[list[DemoEpisode]] = map(_play_seeds, jobs)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("fork").Pool(workers)
-        results = pool.imap(_play_seeds, jobs)  # in order, so the dataset does not depend on scheduling
-    try:
-        for chunk in results:
-            episodes.extend(chunk)
-            bar.update(len(chunk))
-            bar.set_postfix(failed=sum(not e.success for e in episodes), refresh=False)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-    failed = [e for e in episodes if not e.success]
-    header = {
-        "env": env_id,
-        "env_kwargs": env_kwargs,
-        "generator": "minigrid.utils.baby_ai_bot.BabyAIBot",
-        "seeds_played": [seed, seed + n_episodes],
-        "failed_seeds": [e.seed for e in failed],
-        "failure_reasons": sorted({e.error or "" for e in failed}),
-        "generation_s": round(time.perf_counter() - start, 3),
-    }
-    dataset = DemoDataset.from_episodes([e for e in episodes if e.success], spaces, header)
-    dataset.save(out)
-    return dataset
 
 
 class DemoDataset:
@@ -467,4 +301,4 @@ def _minari() -> tuple[Any, Any]:
     return minari, EpisodeBuffer
 
 
-__all__ = ["DemoDataset", "DemoEpisode", "demos_from_minari", "demos_to_minari", "generate_demos", "load_demos"]
+__all__ = ["DATA_FILE", "DemoDataset", "DemoEpisode", "demos_from_minari", "demos_to_minari", "load_demos"]

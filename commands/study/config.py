@@ -17,11 +17,12 @@
         ppo: {n_steps: 132, batch_size: 264}   # per-env PPO keys (e.g. a rollout that holds whole episodes)
         bc: {dataset: demos/tmaze-L10}          # per-env BC keys: where `tlb-rl demos` wrote the demonstrations
 
-A PPO run's config is, later entries winning: the agent's ``config`` file, the study's ``ppo``, the env's
-``ppo``, the agent's ``overrides``, then what the grid fixes (env, env_kwargs, core, seed, total_frames,
-eval_every, run_dir). A BC run's is built the same way from the ``bc`` entries; for BC, ``total_frames`` and
-``eval_every`` count demonstration steps trained on, and become ``max_updates`` and ``eval_every`` in
-gradient steps of ``batch_size * seq_len`` steps. Every run is validated before anything starts.
+A run's config is, later entries winning: the agent's ``config`` file, the study's section for its algorithm
+(``ppo`` or ``bc``), the env's section, the agent's ``overrides``, then what the grid fixes (env, env_kwargs,
+core, core_kwargs, seed) and the env's budget in the algorithm's own keys (``Agent.budget_keys``: PPO's
+``total_frames``/``eval_every``; for BC, whose frames count demonstration steps trained on, ``max_updates``
+and ``eval_every_updates`` in gradient steps of ``batch_size * seq_len`` steps). Every run is validated
+before anything starts.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from typing import Any
 from tlb_rl.config import from_dict, load_yaml
 from tlb_rl.errors import UserError
 
-AGENT_ALGOS = ("ppo", "bc")
-"""Trainers of the grid's rows."""
 BASELINES = ("recurrentppo",)
 """External baselines a study can add as rows (sb3-contrib's RecurrentPPO)."""
 
@@ -69,7 +68,7 @@ class AgentEntry:
     name: str = "ppo"
     """Label in the report (rows read ``<core>-<name>``)."""
     algo: str = "ppo"
-    """The trainer: ppo or bc."""
+    """The trainer: a name in ``agents.ALGORITHMS`` (ppo, bc)."""
     config: str | None = None
     """A YAML config to start from (e.g. configs/ppo/tmaze.yaml)."""
     overrides: dict = field(default_factory=dict)
@@ -149,13 +148,12 @@ def load_study(path: str | Path, runnable: bool = True) -> StudyConfig:
     if not runnable:
         return study
     runs = expand(study)  # validates every run's config now, before any run starts
-    for run in runs:
-        dataset = run.config.get("dataset") if run.algo == "bc" else None
-        if dataset is not None and not Path(dataset).is_dir():
-            raise UserError(
-                f"BC run {run.run_id}: dataset '{dataset}' is not a directory; make one with `tlb-rl demos`"
-            )
+    from agents import ALGORITHMS
     from envs import make_env
+
+    for run in runs:
+        if run.algo in ALGORITHMS:
+            ALGORITHMS[run.algo].check_inputs(run.config, f"{run.algo.upper()} run {run.run_id}")
 
     for env in study.envs:  # an unknown env id or option fails here in one line, not in every run twice
         make_env(env.env, **env.env_kwargs).close()
@@ -173,9 +171,11 @@ def _check(study: StudyConfig) -> None:
     for env in study.envs:
         if env.total_frames < 1 or not 0 < env.eval_every <= env.total_frames:
             raise UserError(f"env '{env.name}': need total_frames >= 1 and 0 < eval_every <= total_frames")
+    from agents import ALGORITHMS
+
     for agent in study.agents:
-        if agent.algo not in AGENT_ALGOS:
-            raise UserError(f"agent '{agent.name}': algo '{agent.algo}' is not supported by compare (use ppo or bc)")
+        if agent.algo not in ALGORITHMS:
+            raise UserError(f"agent '{agent.name}': unknown algo '{agent.algo}'; known: {', '.join(ALGORITHMS)}")
     unknown = set(study.baselines) - set(BASELINES)
     if unknown:
         raise UserError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(BASELINES)}")
@@ -193,59 +193,28 @@ def _merge(*layers: dict) -> dict:
     return out
 
 
-def ppo_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, seed: int) -> dict[str, Any]:
-    """The PPOConfig keys the study sets for one grid cell (validated; PPOConfig's defaults fill the rest)."""
-    from agents.ppo import PPOConfig  # the command layer may import agents/ (like cli.py)
+def agent_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, seed: int) -> dict[str, Any]:
+    """The config keys the study sets for one grid cell (validated; the config class's defaults fill the rest).
 
+    Layers, later winning: the agent's YAML, the study's and the env's section for the algorithm, the agent's
+    overrides, then the cell (env, core, seed) and the env's budget in the algorithm's own keys.
+    """
+    from agents import get_algorithm
+
+    cls = get_algorithm(agent.algo)
     base = load_yaml(agent.config) if agent.config else {}
-    fixed = {
-        "env": env.env,
-        "env_kwargs": env.env_kwargs,
-        "core": core,
-        "core_kwargs": study.cores[core],
-        "seed": seed,
-        "total_frames": env.total_frames,
-        "eval_every": env.eval_every,
-    }
-    merged = _merge(base, study.ppo, env.ppo, agent.overrides, fixed)
+    cell = {"env": env.env, "env_kwargs": env.env_kwargs, "core": core, "core_kwargs": study.cores[core], "seed": seed}
+    merged = _merge(base, getattr(study, agent.algo, {}), getattr(env, agent.algo, {}), agent.overrides, cell)
     merged.pop("run_dir", None)
-    where = f"PPO config of {agent.name}/{core} on {env.name}"
-    config = from_dict(PPOConfig, merged, where)
-    frames_per_update = config.n_envs * config.n_steps
-    if env.eval_every % frames_per_update:
-        # PPO evaluates after the first update past each multiple of eval_every; curves are compared
-        # at those multiples, so every run must evaluate exactly there.
-        raise UserError(
-            f"{where}: eval_every ({env.eval_every}) must be a multiple of n_envs * n_steps ({frames_per_update})"
-        )
-    return merged
-
-
-def bc_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry, seed: int) -> dict[str, Any]:
-    """The BCConfig keys the study sets for one grid cell; the env's budget becomes gradient steps."""
-    from agents.bc import BCConfig
-
-    where = f"BC config of {agent.name}/{core} on {env.name}"
-    base = load_yaml(agent.config) if agent.config else {}
-    merged = _merge(base, study.bc, env.bc, agent.overrides)
-    merged.update(env=env.env, env_kwargs=env.env_kwargs, core=core, core_kwargs=study.cores[core], seed=seed)
-    merged.pop("run_dir", None)
-    config = from_dict(BCConfig, merged, where)
-    steps = config.batch_size * config.seq_len  # demonstration steps of a full gradient step
-    if env.total_frames % steps or env.eval_every % steps:
-        raise UserError(
-            f"{where}: total_frames ({env.total_frames}) and eval_every ({env.eval_every}) must be multiples "
-            f"of batch_size * seq_len ({steps}): BC counts them in gradient steps"
-        )
-    if not config.dataset:
-        raise UserError(f"{where}: no dataset; make one with `tlb-rl demos` and set `bc: {{dataset: DIR}}`")
-    merged.update(max_updates=env.total_frames // steps, eval_every=env.eval_every // steps)
+    where = f"{cls.algo.upper()} config of {agent.name}/{core} on {env.name}"
+    config = from_dict(cls.config_class, merged, where)
+    merged.update(cls.budget_keys(config, env.total_frames, env.eval_every, where))
     return merged
 
 
 def baseline_config(study: StudyConfig, name: str, env: EnvEntry, seed: int) -> dict[str, Any]:
     """The keys of a baseline run (hyperparameters from the study, budget and env from the grid), validated."""
-    from tlb_rl.study.sb3_baseline import RecurrentPPOConfig
+    from commands.study.sb3_baseline import RecurrentPPOConfig
 
     # The baseline shares the PPO rows' keys it knows (rollout length, learning rate, validation episodes...),
     # so both see the same cut between cue and choice; its own keys in the study win.
@@ -275,10 +244,9 @@ def expand(study: StudyConfig) -> list[RunSpec]:
     for seed in study.seeds:
         for env in study.envs:
             for agent in study.agents:
-                make_config = bc_config if agent.algo == "bc" else ppo_config
                 for core in study.cores:
                     row = f"{core}-{agent.name}"
-                    config = make_config(study, agent, core, env, seed)
+                    config = agent_config(study, agent, core, env, seed)
                     runs.append(RunSpec(f"{env.name}/{row}/s{seed}", env.name, row, seed, agent.algo, config))
             for name in study.baselines:
                 config = baseline_config(study, name, env, seed)

@@ -1,4 +1,4 @@
-"""The ``compare`` and ``report`` subcommands; ``tlb_rl/cli.py`` parses their arguments and calls these."""
+"""The ``compare`` and ``report`` subcommands; ``commands/cli.py`` parses their arguments and calls these."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from commands.study.config import load_study
+from commands.study.report import write_report
+from commands.study.runner import failed, run_study
 from tlb_rl.errors import TrainingError
-from tlb_rl.study.config import load_study
-from tlb_rl.study.report import write_report
-from tlb_rl.study.runner import failed, run_study
 
 STUDIES_DIR = Path("studies")
 

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from agents import ALGORITHMS
+from commands.study import stats
+from commands.study.config import RunSpec, StudyConfig, expand, load_study
 from tlb_rl.errors import UserError
 from tlb_rl.logger import read_metrics
-from tlb_rl.study import stats
-from tlb_rl.study.config import RunSpec, StudyConfig, expand, load_study
 
 REPORT_FILES = ("report.md", "report.json", "curves.png")
 
@@ -149,7 +150,7 @@ def aggregate(cells: dict[str, dict[str, Cell]]) -> dict[str, Any]:
 
 
 def _seed_ranges(cells: dict[str, dict[str, Cell]], study: StudyConfig, specs: list[RunSpec]) -> dict[str, Any]:
-    from agents.evaluate import VALIDATION_SEED_BASE
+    from envs.seeding import VALIDATION_SEED_BASE
 
     final = sorted({s for by_row in cells.values() for c in by_row.values() for r in c.runs for s in r.final_seeds})
     # Validation episodes per env, from each row's own run config (PPO and BC rows may set it apart; the
@@ -206,7 +207,9 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
         "envs": envs,
         "all_envs": aggregate(cells),
         "missing_runs": [m for by_row in cells.values() for c in by_row.values() for m in c.missing],
-        "bc_rows": [f"{core}-{a.name}" for a in study.agents if a.algo == "bc" for core in study.cores],
+        "offline_rows": [
+            f"{core}-{a.name}" for a in study.agents if ALGORITHMS[a.algo].offline for core in study.cores
+        ],
     }
 
 
@@ -233,10 +236,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "training throughput (median over updates, evaluations excluded).",
         "",
     ]
-    if report.get("bc_rows"):
+    if report.get("offline_rows"):
         lines += [
-            f"BC rows ({', '.join(report['bc_rows'])}): frames and steps/s count demonstration steps trained on "
-            "(teacher forcing on the bot's episodes), not environment steps.",
+            f"Rows trained on demonstrations ({', '.join(report['offline_rows'])}): frames and steps/s count "
+            "demonstration steps trained on (teacher forcing on the bot's episodes), not environment steps.",
             "",
         ]
     for name, env in report["envs"].items():

@@ -6,7 +6,7 @@ validation seeds as our PPO, every ``eval_every`` frames, and ``time/fps``), ``c
 are flattened (``FlattenObservation`` over ``envs.make_env``), so its policy is an MLP + LSTM as in
 ``benchmarks/throughput.py``.
 
-    python -m tlb_rl.study.sb3_baseline RUN_CONFIG.json RUN_DIR
+    python -m commands.study.sb3_baseline RUN_CONFIG.json RUN_DIR
 """
 
 from __future__ import annotations
@@ -46,50 +46,26 @@ class RecurrentPPOConfig:
     """``torch.set_num_threads`` (None: torch's default)."""
 
 
-def _make_env(config: RecurrentPPOConfig) -> Any:
+def _make_env(config: RecurrentPPOConfig, **kwargs: Any) -> Any:
     import gymnasium as gym
 
     from envs import make_env
 
-    return gym.wrappers.FlattenObservation(make_env(config.env, **config.env_kwargs))
+    return gym.wrappers.FlattenObservation(make_env(config.env, **config.env_kwargs, **kwargs))
 
 
 def evaluate_recurrent(model: Any, config: RecurrentPPOConfig, seed_start: int, n_parallel: int = 8) -> dict:
     """Success rate over ``eval_episodes`` episodes on env seeds ``seed_start`` onwards, sampled actions."""
-    from agents.evaluate import episode_success
+    from agents.evaluate import run_episodes
 
-    n = config.eval_episodes
-    envs = [_make_env(config) for _ in range(min(n_parallel, n))]
-    seeds = list(range(seed_start, seed_start + len(envs)))
-    next_seed = seed_start + len(envs)
-    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
-    state, starts = None, np.ones(len(envs), dtype=bool)
-    active = np.ones(len(envs), dtype=bool)
-    ret = np.zeros(len(envs))
-    results: list[tuple[int, float, bool]] = []
-    while active.any():
+    state = None
+
+    def act(obs: list[Any], starts: np.ndarray) -> np.ndarray:
+        nonlocal state
         actions, state = model.predict(np.stack(obs), state=state, episode_start=starts, deterministic=False)
-        starts = np.zeros(len(envs), dtype=bool)
-        for i in np.flatnonzero(active):
-            obs[i], reward, terminated, truncated, info = envs[i].step(actions[i])
-            ret[i] += reward
-            if terminated or truncated:
-                results.append((seeds[i], float(ret[i]), episode_success(ret[i], info)))
-                ret[i], starts[i] = 0.0, True
-                if next_seed < seed_start + n:
-                    obs[i] = envs[i].reset(seed=next_seed)[0]
-                    seeds[i], next_seed = next_seed, next_seed + 1
-                else:
-                    active[i] = False
-    for env in envs:
-        env.close()
-    results.sort()
-    return {
-        "episodes": len(results),
-        "success_rate": float(np.mean([r[2] for r in results])),
-        "mean_return": float(np.mean([r[1] for r in results])),
-        "seeds": [r[0] for r in results],
-    }
+        return actions
+
+    return run_episodes(act, lambda **kw: _make_env(config, **kw), config.eval_episodes, seed_start, n_parallel)
 
 
 def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
@@ -100,7 +76,7 @@ def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.logger import Logger
 
-    from agents.evaluate import EVAL_SEED_BASE, VALIDATION_SEED_BASE
+    from envs.seeding import EVAL_SEED_BASE, VALIDATION_SEED_BASE
 
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)

@@ -9,7 +9,7 @@ Study directory layout::
     <study>/errors.log            one block per failed attempt
     <study>/report.md, report.json, curves.png
 
-Each run is a subprocess (``tlb-rl train``, ``tlb-rl bc`` or the RecurrentPPO baseline), so a crash, even a
+Each run is a subprocess (``tlb-rl train --algo ...`` or the RecurrentPPO baseline), so a crash, even a
 segfault or an out-of-memory kill, ends that run only. A failed attempt is recorded and retried once (a PPO
 run from its latest checkpoint when there is one; a BC run from the start); a run that fails twice is
 reported as failed, and the next ``compare`` tries it again. A run with ``final_eval.json`` and a matching
@@ -37,8 +37,9 @@ from typing import Any
 
 import yaml
 
+from agents import ALGORITHMS
+from commands.study.config import RunSpec, StudyConfig, expand
 from tlb_rl.errors import UserError
-from tlb_rl.study.config import AGENT_ALGOS, RunSpec, StudyConfig, expand
 
 MAX_ATTEMPTS = 2
 """A run is tried once and retried once before it is reported as failed."""
@@ -82,11 +83,10 @@ def is_finished(study_dir: Path, spec: RunSpec) -> bool:
 
 
 def _command(spec: RunSpec, run_dir: Path, config_file: Path, resume: bool) -> list[str]:
-    if spec.algo in AGENT_ALGOS:  # BC has no --resume: a retried BC run starts again
-        how = ["--resume", str(run_dir)] if resume else ["--config", str(config_file)]
-        command = "train" if spec.algo == "ppo" else "bc"
-        return [sys.executable, "-m", "tlb_rl.cli", command, "--no-progress", "--no-gif", *how]
-    return [sys.executable, "-m", "tlb_rl.study.sb3_baseline", str(config_file), str(run_dir)]
+    if spec.algo in ALGORITHMS:
+        how = ["--resume", str(run_dir)] if resume else ["--algo", spec.algo, "--config", str(config_file)]
+        return [sys.executable, "-m", "commands.cli", "train", "--no-progress", "--no-gif", *how]
+    return [sys.executable, "-m", "commands.study.sb3_baseline", str(config_file), str(run_dir)]
 
 
 def run_one(study_dir: str, spec_dict: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def run_one(study_dir: str, spec_dict: dict[str, Any]) -> dict[str, Any]:
     run_dir = run_dir_of(study, spec)
     log_stem = study / "logs" / spec.run_id
     log_stem.parent.mkdir(parents=True, exist_ok=True)
-    ours = spec.algo in AGENT_ALGOS
+    ours = spec.algo in ALGORITHMS
     config_file = log_stem.with_suffix(".config.yaml" if ours else ".config.json")
     config = {**spec.config, "run_dir": str(run_dir)} if ours else spec.config
     config_file.write_text(yaml.safe_dump(config) if ours else json.dumps(config))
@@ -111,7 +111,8 @@ def run_one(study_dir: str, spec_dict: dict[str, Any]) -> dict[str, Any]:
     attempts, wall = int(previous.get("attempts", 0)), float(previous.get("wall_s", 0.0))
     error: str | None = "not started"
     for _ in range(MAX_ATTEMPTS):
-        resume = spec.algo == "ppo" and (run_dir / "checkpoints" / "latest.pt").exists()
+        # An algorithm that cannot resume exactly (BC) starts a retried run again.
+        resume = ours and ALGORITHMS[spec.algo].resumable and (run_dir / "checkpoints" / "latest.pt").exists()
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)  # a fresh start must not append to a dead attempt's metrics
         run_dir.mkdir(parents=True, exist_ok=True)

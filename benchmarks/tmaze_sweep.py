@@ -6,7 +6,7 @@ evaluation reaches the threshold, the best checkpoint is then measured on the he
 run at a time (``torch_threads=1``), seed 0 by default: a cheap map of where memory breaks, which the
 multi-seed study (configs/compare/full.yaml) then measures properly.
 
-    python -m tlb_rl.study.tmaze_sweep --lengths 20,50,100 --budget 400000 --out studies/tmaze-sweep
+    python benchmarks/tmaze_sweep.py --lengths 20,50,100 --budget 400000 --out studies/tmaze-sweep
 
 Rollouts hold whole episodes: n_steps is the smallest multiple of L + 1 that is >= 128 (every passive
 T-maze episode lasts L + 1 steps and all envs start together), so no episode straddles two rollouts.
@@ -19,7 +19,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 
 def rollout_steps(corridor_length: int, at_least: int = 128) -> int:
@@ -59,19 +58,12 @@ def run_length(core: str, corridor_length: int, budget: int, seed: int, threshol
         torch_threads=1,
         eval_every=per_update * max(1, round(eval_interval(corridor_length) / per_update)),
         eval_episodes=100,
+        target_success=threshold,
         run_dir=str(run_dir),
     )
     model = PPO.from_config(config)
-    reached: dict[str, int] = {}
-
-    def stop_at_threshold(m: Any, metrics: dict[str, float]) -> bool:
-        if metrics.get("validation/success_rate", 0.0) >= threshold:
-            reached["frames"] = m.frames
-            return False
-        return True
-
     started = time.perf_counter()
-    model.learn(callback=stop_at_threshold, progress=False)
+    model.learn(progress=False)
     model.close()
     best = run_dir / "checkpoints" / "best.pt"
     final_model = PPO.load(best, run_dir=str(run_dir)) if best.exists() else model
@@ -80,7 +72,7 @@ def run_length(core: str, corridor_length: int, budget: int, seed: int, threshol
         checkpoint=str(best),
         wall_s=time.perf_counter() - started,
         frames=model.frames,
-        validation_reached_at=reached.get("frames"),
+        validation_reached_at=model.frames if model.last_success >= threshold else None,
         n_steps=n_steps,
         budget=budget,
     )

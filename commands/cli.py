@@ -1,4 +1,4 @@
-"""The ``tlb-rl`` command: train, evaluate, list environments.
+"""The ``tlb-rl`` command: train, evaluate, record demonstrations, run studies, list environments.
 
 Mistakes the user can fix print one line on stderr and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -10,16 +10,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tlb_rl.errors import TrainingError, UserError
 
-if TYPE_CHECKING:
-    from agents.ppo import PPO
-
 
 def _train(args: argparse.Namespace) -> None:
-    from agents.ppo import PPO, PPOConfig
+    from agents import get_algorithm
     from tlb_rl.checkpoint import load_checkpoint
     from tlb_rl.config import apply_overrides, from_dict, load_yaml
     from tlb_rl.plots import plot_learning_curve
@@ -27,19 +23,26 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         run_dir = Path(args.resume)
         latest = run_dir / "checkpoints" / "latest.pt"
-        saved = load_checkpoint(latest)["config"]
+        data = load_checkpoint(latest)
+        cls = get_algorithm(data.get("algo", "?"))
+        if not cls.resumable:
+            raise UserError(f"{cls.algo} runs cannot be resumed exactly; start a new run (init_from={latest})")
+        saved = data["config"]
         # Overrides are merged into the saved config, nested keys included (env_kwargs.x=1 keeps the rest).
         merged = apply_overrides(saved, args.overrides)
         changed = {k: v for k, v in merged.items() if saved.get(k) != v}
-        model = PPO.load(latest, run_dir=str(run_dir), **changed)
+        model = cls.load(latest, run_dir=str(run_dir), **changed)
         print(f"resuming {run_dir} at {model.frames} frames", file=sys.stderr)
     else:
-        config = from_dict(PPOConfig, apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides))
+        cls = get_algorithm(args.algo)
+        values = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
+        config = from_dict(cls.config_class, values, cls.algo.upper())
         if config.run_dir is None:
-            name = Path(args.config).stem if args.config else "ppo"
+            name = Path(args.config).stem if args.config else cls.algo
             stamp = time.strftime("%Y%m%d-%H%M%S")
             config.run_dir = str(Path("runs") / f"{name}-{config.core}-s{config.seed}-{stamp}")
-        model = PPO.from_config(config)
+        model = cls.from_config(config)
+    model.prepare()  # e.g. BC's dataset: a bad one stops here, before a run directory is announced
     run_dir = model.run_dir
     assert run_dir is not None
     try:  # before anything is printed, so a bad directory is the one line the user sees
@@ -52,41 +55,29 @@ def _train(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         # learn() saved after the update a first Ctrl-C let finish; a second one leaves the last periodic save.
         latest = run_dir / "checkpoints" / "latest.pt"
-        if latest.exists():
+        if not latest.exists():
+            print("\ninterrupted before the first checkpoint; nothing to resume", file=sys.stderr)
+        elif model.resumable:
             frames = load_checkpoint(latest)["progress"]["frames"]
             print(
                 f"\ninterrupted; the checkpoint holds {frames} frames. Resume with: tlb-rl train --resume {run_dir}",
                 file=sys.stderr,
             )
         else:
-            print("\ninterrupted before the first checkpoint; nothing to resume", file=sys.stderr)
+            print(f"\ninterrupted; the latest state is in {latest}", file=sys.stderr)
         sys.exit(130)
     finally:
         model.close()
-    _finish(model, run_dir, args.gif)
-    print(f"learning curve: {plot_learning_curve(run_dir)}")
-
-
-def _finish(model: PPO, run_dir: Path, gif: bool) -> None:
-    """Final evaluation on held-out seeds, written to final_eval.json, plus a GIF of one episode."""
-    best = run_dir / "checkpoints" / "best.pt"
-    if best.exists():
-        model = type(model).load(best, env=model.env_spec, run_dir=str(run_dir))
-    probe = model.make_eval_env()
-    can_render = "rgb_array" in probe.metadata.get("render_modes", [])
-    probe.close()
-    gif_path = run_dir / "episode.gif" if gif and can_render else None
-    result = model.evaluate(gif_path=gif_path)
-    result["checkpoint"] = str(best if best.exists() else run_dir / "checkpoints" / "latest.pt")
-    (run_dir / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = model.finish(gif=args.gif)
     print(
         f"final evaluation on {result['episodes']} held-out episodes: success {result['success_rate']:.3f}, "
         f"return {result['mean_return']:.3f}  ({run_dir / 'final_eval.json'})"
     )
+    print(f"learning curve: {plot_learning_curve(run_dir)}")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from agents.ppo import PPO
+    from agents import get_algorithm
     from tlb_rl.checkpoint import load_checkpoint
 
     run_dir = Path(args.run_dir)
@@ -95,21 +86,16 @@ def _eval(args: argparse.Namespace) -> None:
         ckpt = run_dir / "checkpoints" / "latest.pt"  # no evaluation ran during training
     if not ckpt.exists():
         raise UserError(f"no checkpoint at {ckpt}: is {run_dir} a run directory of a run that saved one?")
-    if load_checkpoint(ckpt).get("algo") == "bc":
-        from agents.bc import BC
-
-        # Without --deterministic a BC run keeps its config's choice (greedy by default, like the bot it copies).
-        bc = BC.load(ckpt, device="auto")
-        result = bc.evaluate(args.episodes, gif_path=args.gif, deterministic=True if args.deterministic else None)
-    else:
-        model = PPO.load(ckpt, device="auto")  # a run trained on a GPU evaluates on a machine without one
-        result = model.evaluate(args.episodes, gif_path=args.gif, deterministic=args.deterministic)
+    cls = get_algorithm(load_checkpoint(ckpt).get("algo", "?"))
+    model = cls.load(ckpt, device="auto")  # a run trained on a GPU evaluates on a machine without one
+    # Without --deterministic each algorithm keeps its default (BC: greedy, like the bot it copies).
+    result = model.evaluate(args.episodes, gif_path=args.gif, deterministic=True if args.deterministic else None)
     summary = {k: result[k] for k in ("episodes", "success_rate", "mean_return", "mean_length")}
     print(json.dumps(summary))
 
 
 def _demos(args: argparse.Namespace) -> None:
-    from agents.demos import generate_demos
+    from agents.bot import generate_demos
 
     data = generate_demos(
         args.env, args.episodes, args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress
@@ -122,12 +108,6 @@ def _demos(args: argparse.Namespace) -> None:
     )
 
 
-def _bc(args: argparse.Namespace) -> None:
-    from agents.bc import train_from_cli
-
-    train_from_cli(args.config, args.overrides, progress=not args.no_progress, gif=args.gif)
-
-
 def _envs(args: argparse.Namespace) -> None:
     from envs import describe_envs
 
@@ -135,13 +115,13 @@ def _envs(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from tlb_rl.study.commands import compare
+    from commands.study.compare import compare
 
     compare(args.config, backend=args.backend, workers=args.workers, address=args.address, out=args.out)
 
 
 def _report(args: argparse.Namespace) -> None:
-    from tlb_rl.study.commands import report
+    from commands.study.compare import report
 
     report(args.study_dir)
 
@@ -158,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a PPO agent (TLB core by default)")
-    p.add_argument("--config", help="YAML config (configs/ppo/*.yaml); keys are PPOConfig fields")
+    p = sub.add_parser("train", help="train an agent: PPO (default) or BC, TLB core by default")
+    p.add_argument("--algo", default="ppo", help="a name in agents.ALGORITHMS: ppo (default), bc ...")
+    p.add_argument("--config", help="YAML config (configs/<algo>/*.yaml); keys are the algorithm's config fields")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-gif", dest="gif", action="store_false", help="skip the GIF of an evaluation episode")
@@ -182,13 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first env seed (default 0; seeds stay below 500000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_demos)
-
-    p = sub.add_parser("bc", help="behaviour cloning from demonstrations (TLB core by default)")
-    p.add_argument("--config", help="YAML config (configs/bc/*.yaml); keys are BCConfig fields")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-gif", dest="gif", action="store_false", help="skip the GIF of an evaluation episode")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. core=lstm")
-    p.set_defaults(func=_bc)
 
     p = sub.add_parser("envs", help="list environment families and registered plug-ins")
     p.set_defaults(func=_envs)
