@@ -67,7 +67,7 @@ class PPOConfig(AgentConfig):
     ent_coef: float = 0.01
     """Weight of the entropy bonus."""
     vf_coef: float = 0.5
-    """Weight of the value loss."""
+    """Weight of the value loss, the mean squared error of the values (as in SB3)."""
     max_grad_norm: float = 0.5
     """Clip of the global gradient norm."""
     normalize_advantage: bool = True
@@ -324,7 +324,7 @@ class PPO(Agent):
         log_ratio = log_probs - batch.log_probs
         ratio = log_ratio.exp()
         policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range) * adv).mean()
-        value_loss = 0.5 * F.mse_loss(values, batch.returns)
+        value_loss = F.mse_loss(values, batch.returns)  # SB3's weighting: vf_coef * MSE (CleanRL halves it)
         entropy = dist.entropy().mean()
         loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
         aux = self.policy.core.auxiliary_loss()

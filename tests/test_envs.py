@@ -80,6 +80,20 @@ class TupleObservations(Corridor):
         super().__init__()
         self.observation_space = spaces.Tuple((spaces.Discrete(2), spaces.Discrete(3)))
 
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed, options=options)
+        return (0, 1), {}
+
+    def step(self, action):
+        _, reward, terminated, truncated, info = super().step(action)
+        return (1, 2), reward, terminated, truncated, info
+
+
+class GraphObservations(Corridor):
+    def __init__(self):
+        super().__init__()
+        self.observation_space = spaces.Graph(spaces.Box(0, 1, (2,)), None)
+
 
 class TupleActions(Corridor):
     def __init__(self):
@@ -367,10 +381,18 @@ def test_bad_module_file_or_attribute(plugin_module: str, tmp_path: Path) -> Non
 
 
 def test_unsupported_spaces_name_the_space_and_what_is_supported(plugin_module: str) -> None:
-    message = error_of(f"{plugin_module}:TupleObservations")
-    assert "observation space Tuple(Discrete(2), Discrete(3))" in message and "supported: Box" in message
+    message = error_of(f"{plugin_module}:GraphObservations")
+    assert "observation space Graph(" in message and "supported: Box" in message
     message = error_of(f"{plugin_module}:TupleActions")
     assert "action space Tuple(Discrete(2), Discrete(3))" in message and "supported: Discrete" in message
+
+
+def test_tuple_observations_reach_the_policy_as_a_dict(plugin_module: str) -> None:
+    env = envs.make_env(f"{plugin_module}:TupleObservations")
+    assert env.observation_space == spaces.Dict({"0": spaces.Discrete(2), "1": spaces.Discrete(3)})
+    obs, _ = env.reset(seed=0)
+    assert obs == {"0": 0, "1": 1} and env.step(1)[0] == {"0": 1, "1": 2}
+    make_encoder(env.observation_space)
 
 
 def test_plugin_that_raises_in_reset(plugin_module: str) -> None:
@@ -405,10 +427,12 @@ def test_bad_spec_fails_in_make_vec_env_before_any_worker_starts() -> None:
     ids=lambda s: type(s).__name__,
 )
 def test_check_spaces_accepts_exactly_what_the_encoders_encode(space: spaces.Space) -> None:
+    """...once make_env has made a Tuple a Dict."""
     env = TMazeEnv()
     env.observation_space = space
     try:
-        make_encoder(space)
+        as_dict = isinstance(space, spaces.Tuple)
+        make_encoder(spaces.Dict({str(i): s for i, s in enumerate(space.spaces)}) if as_dict else space)
     except UserError:
         with pytest.raises(UserError, match="is not supported"):
             envs.check_spaces(env)
@@ -464,7 +488,7 @@ def test_auto_vectorization_picks_processes_only_for_slow_steps(
 def test_plugin_checker_runs_once_per_process(plugin_module: str, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr("envs.registry._CHECKED", set())
-    monkeypatch.setattr("envs.registry.check_env", lambda env, **kw: calls.append(env))
+    monkeypatch.setattr("envs.registry._check_plugin", lambda name, env: calls.append(env))
     for _ in range(3):
         envs.make_env(f"{plugin_module}:Corridor", length=9)
     envs.make_vec_env(f"{plugin_module}:Corridor", 4, length=9, vectorization="sync").close()

@@ -18,6 +18,7 @@ import numpy as np
 from agents import ALGORITHMS
 from commands.study import stats
 from commands.study.config import RunSpec, StudyConfig, expand, load_study
+from commands.study.sb3_baseline import DIFFERENCES
 from tlb_rl.errors import UserError
 from tlb_rl.logger import read_metrics
 
@@ -207,6 +208,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
         "envs": envs,
         "all_envs": aggregate(cells),
         "missing_runs": [m for by_row in cells.values() for c in by_row.values() for m in c.missing],
+        "baseline_differences": list(DIFFERENCES) if study.baselines else [],
         "offline_rows": [
             f"{core}-{a.name}" for a in study.agents if ALGORITHMS[a.algo].offline for core in study.cores
         ],
@@ -236,6 +238,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "training throughput (median over updates, evaluations excluded).",
         "",
     ]
+    if report.get("baseline_differences"):
+        lines += [
+            "The sb3-contrib RecurrentPPO rows share the study's rollout length, epochs, learning rate and its "
+            "annealing, entropy and value weights, clipping, GAE and validation seeds; they differ in:",
+            *[f"- {d}" for d in report["baseline_differences"]],
+            "",
+        ]
     if report.get("offline_rows"):
         lines += [
             f"Rows trained on demonstrations ({', '.join(report['offline_rows'])}): frames and steps/s count "

@@ -39,11 +39,38 @@ class RecurrentPPOConfig:
     batch_size: int = 256
     n_epochs: int = 4
     learning_rate: float = 2.5e-4
+    anneal_lr: bool = True
+    """Decay the learning rate linearly to 0 over ``total_frames``, update by update, as our PPO does."""
     ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    clip_range: float = 0.2
+    max_grad_norm: float = 0.5
     gamma: float = 0.99
     gae_lambda: float = 0.95
     torch_threads: int | None = 1
     """``torch.set_num_threads`` (None: torch's default)."""
+
+
+DIFFERENCES = (
+    "policy: sb3-contrib's MlpLstmPolicy on flattened observations (separate 256-unit LSTMs for actor and "
+    "critic, then 64x64 tanh MLPs); ours: an encoder chosen from the observation space and one core shared "
+    "by actor and critic",
+    "training sequences: episodes cut at rollout ends and padded, in minibatches of batch_size steps; ours: "
+    "segments of seq_len steps that may hold several episodes, the core re-run from the state stored at "
+    "each segment's start",
+)
+"""What still differs between the RecurrentPPO row and our PPO rows once the study's shared keys (rollout,
+epochs, learning rate and its annealing, entropy and value weights, clipping, GAE, validation seeds) are
+the same; the report lists these under its tables."""
+
+
+def _lr_schedule(config: RecurrentPPOConfig) -> Any:
+    """Our PPO's annealing in SB3's terms. SB3 computes the progress left after collecting a rollout; ours
+    anneals by the frames before it, so the schedule adds one rollout back to match update for update."""
+    if not config.anneal_lr:
+        return config.learning_rate
+    one_rollout = config.n_envs * config.n_steps / config.total_frames
+    return lambda progress_remaining: config.learning_rate * max(0.0, min(1.0, progress_remaining + one_rollout))
 
 
 def _make_env(config: RecurrentPPOConfig, **kwargs: Any) -> Any:
@@ -84,10 +111,10 @@ def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
     (run_dir / "config.json").write_text(json.dumps({"algo": "recurrentppo", **dataclasses.asdict(config)}, indent=2))
     best = run_dir / "checkpoints" / "best.zip"
     vec = make_vec_env(lambda: _make_env(config), n_envs=config.n_envs, seed=config.seed)
-    hyper = {k: getattr(config, k) for k in ("n_steps", "batch_size", "n_epochs", "learning_rate", "ent_coef")}
-    model = RecurrentPPO(
-        "MlpLstmPolicy", vec, seed=config.seed, device="cpu", gamma=config.gamma, gae_lambda=config.gae_lambda, **hyper
-    )
+    keys = ("n_steps", "batch_size", "n_epochs", "ent_coef", "vf_coef", "clip_range", "max_grad_norm", "gamma")
+    hyper = {k: getattr(config, k) for k in (*keys, "gae_lambda")}
+    lr = _lr_schedule(config)
+    model = RecurrentPPO("MlpLstmPolicy", vec, seed=config.seed, device="cpu", learning_rate=lr, **hyper)
     # SB3's default logger makes an empty SB3-<time> folder in the temp dir on every learn(); the metrics
     # this run keeps are written by the callback below.
     model.set_logger(Logger(folder=None, output_formats=[]))

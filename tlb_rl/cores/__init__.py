@@ -37,7 +37,7 @@ def core_hyperparameters(name: str) -> dict[str, object]:
     """The hyperparameters core ``name`` accepts, with their defaults."""
     target = RNNCore if name in ("lstm", "gru") else CORES[name]
     params = inspect.signature(target).parameters
-    skip = {"input_dim", "cell"} | ({"forget_bias"} if name == "gru" else set())
+    skip = {"input_dim", "cell"}
     return {k: p.default for k, p in params.items() if k not in skip}
 
 

@@ -17,16 +17,14 @@ class RNNCore(Core):
     A sequence without episode starts after its first step is one call of the fused module. A sequence
     with more starts runs either one call per span between the steps where some row starts (resetting
     those rows), or, when episodes are short, as one packed batch of its episodes (each from a zero state,
-    a row's first from the row's state). With spans only, MemoryS7's ~6-step episodes made ~45 calls per
-    pair of 128-step segments, and LSTM-PPO's update took 3x as long as TLB-PPO's.
+    a row's first from the row's state), whichever makes fewer kernel calls (docs/benchmarks.md).
 
     :param input_dim: width of the inputs.
     :param hidden_size: width of the hidden state and of the output.
     :param num_layers: stacked recurrent layers.
-    :param forget_bias: initial bias of the LSTM's forget gate. torch initialises it near 0 (forget gate
-        ~0.5), which loses a cue within a few dozen steps before learning can start. Measured on the recall
-        test (cue, 24 blank steps, width 32, 400 Adam steps, seeds 0-2): bias 0 stays at chance, 1 reaches
-        0.47-0.73, 2 reaches 1.0 for every seed; so the baseline LSTM gets 2. Ignored by the GRU.
+    :param forget_bias: initial bias of the gate that keeps the state: the LSTM's forget gate, the GRU's
+        update gate. torch initialises both near 0, so half the state is lost every step and a cue is gone
+        before learning can start; 2 keeps ~88% per step (measured: docs/results.md).
     :param cell: ``"lstm"`` or ``"gru"``.
     """
 
@@ -42,11 +40,12 @@ class RNNCore(Core):
         check_sizes(hidden_size=hidden_size, num_layers=num_layers)
         module = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = module(input_dim, hidden_size, num_layers=num_layers, batch_first=True)
-        if cell == "lstm":
-            with torch.no_grad():
-                for k in range(num_layers):  # gate order in torch: input, forget, cell, output
-                    getattr(self.rnn, f"bias_ih_l{k}")[hidden_size : 2 * hidden_size] = forget_bias
-                    getattr(self.rnn, f"bias_hh_l{k}")[hidden_size : 2 * hidden_size] = 0.0
+        # torch's gate order: LSTM input, forget, cell, output; GRU reset, update, new. Both keep the state
+        # through the second gate (the GRU's h' = (1 - z) * n + z * h).
+        with torch.no_grad():
+            for k in range(num_layers):
+                getattr(self.rnn, f"bias_ih_l{k}")[hidden_size : 2 * hidden_size] = forget_bias
+                getattr(self.rnn, f"bias_hh_l{k}")[hidden_size : 2 * hidden_size] = 0.0
         self.input_dim, self.output_dim, self.cell = input_dim, hidden_size, cell
         self.num_layers = num_layers
 
