@@ -322,8 +322,11 @@ class Agent:
         """Take back what :meth:`_extra_checkpoint` and :meth:`_progress` saved."""
         progress = data["progress"]
         self.frames, self.updates = progress["frames"], progress["updates"]
-        self.best_score = tuple(progress["best_score"])
-        self.stale_evals, self.last_success = progress["stale_evals"], progress["last_success"]
+        # Checkpoints written before agents shared this class kept PPO's best as "best_success" and no
+        # early-stop counters; they load as they were (a run saved then resumes, evaluates and finishes).
+        self.best_score = tuple(progress.get("best_score", [progress.get("best_success", -1.0)]))
+        self.stale_evals = progress.get("stale_evals", 0)
+        self.last_success = progress.get("last_success", -1.0)
 
     def save(self, path: str | Path) -> None:
         """Write the model, optimiser and progress to ``path`` (atomically, loadable without executing code)."""

@@ -253,3 +253,16 @@ def test_target_success_stops_training_at_the_first_evaluation_that_reaches_it(t
     assert (tmp_path / "checkpoints" / "best.pt").exists()
     with pytest.raises(UserError, match="'target_success' must be in"):
         PPO("tmaze", core="none", target_success=1.5)
+
+
+def test_checkpoints_saved_before_the_shared_agent_class_still_load(tmp_path):
+    """Their progress held PPO's best success as ``best_success`` and no early-stop counters."""
+    from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
+
+    model = PPO("tmaze", core="none", core_kwargs=SMALL_CORES["none"], n_envs=2, n_steps=16, batch_size=32)
+    model.save(tmp_path / "new.pt")
+    data = load_checkpoint(tmp_path / "new.pt")
+    data["progress"] = {"frames": 640, "updates": 20, "best_success": 0.75}
+    save_checkpoint(data, tmp_path / "old.pt")
+    old = PPO.load(tmp_path / "old.pt")
+    assert (old.frames, old.updates, old.best_score, old.stale_evals) == (640, 20, (0.75,), 0)
