@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import threading
@@ -31,6 +32,9 @@ from tlb_rl.policy import SequencePolicy
 from tlb_rl.spaces import policy_spaces_from_dict, policy_spaces_to_dict
 
 A = TypeVar("A", bound="Agent")
+
+MEASURES = ("success", "return")
+"""What validation can maximise: the success rate, or the mean return where an env defines no success."""
 
 AUTO_CUDA_MIN_BATCH = 32
 """``device="auto"`` takes the GPU only from this many sequences per step (envs acting, streams training). A
@@ -67,6 +71,8 @@ class AgentConfig:
     """Stop after this many validation evaluations without a better score (0: never stop early)."""
     target_success: float | None = None
     """Stop once a validation evaluation's success rate reaches this (None: train the whole budget)."""
+    measure: str = "success"
+    """What picks ``best.pt``: ``success`` (rate) or ``return`` (mean episodic return, for envs without success)."""
     init_from: str | None = None
     """A PPO or BC checkpoint whose policy weights training starts from (same core, spaces and encoder)."""
 
@@ -83,6 +89,8 @@ class AgentConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"{agent} key '{key}' must be positive, got {getattr(self, key)}")
+        if self.measure not in MEASURES:
+            raise UserError(f"{agent} key 'measure' must be one of {', '.join(MEASURES)}, got '{self.measure}'")
         if self.target_success is not None and not 0 < self.target_success <= 1:
             raise UserError(f"{agent} key 'target_success' must be in (0, 1], got {self.target_success}")
 
@@ -158,7 +166,7 @@ class Agent:
         # fused: one kernel per parameter instead of ~10 small ops (3.0 -> 0.7 ms per step for TLB-PPO on CPU)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.learning_rate, eps=self.adam_eps, fused=True)
         self.frames = self.updates = 0
-        self.best_score: tuple[float, ...] = (-1.0,)
+        self.best_score: tuple[float, ...] = (-math.inf,)
         self.stale_evals = 0
         self.last_success = -1.0
         self._stop_requested = False
@@ -272,10 +280,11 @@ class Agent:
         )
 
     def _validate(self, *tiebreak: float) -> dict[str, float]:
-        """Evaluate on the validation seeds; a better (success, *tiebreak) is saved as ``best.pt``."""
+        """Evaluate on the validation seeds; a better (measure, *tiebreak) is saved as ``best.pt``."""
         result = self.evaluate(self.config.eval_episodes, seed_start=VALIDATION_SEED_BASE)
         self.last_success = result["success_rate"]
-        score = (result["success_rate"], *tiebreak)
+        measured = result["success_rate"] if self.config.measure == "success" else result["mean_return"]
+        score = (measured, *tiebreak)
         if score > self.best_score:
             self.best_score, self.stale_evals = score, 0
             if self.run_dir is not None:
@@ -328,20 +337,23 @@ class Agent:
         self.stale_evals = progress.get("stale_evals", 0)
         self.last_success = progress.get("last_success", -1.0)
 
-    def save(self, path: str | Path) -> None:
-        """Write the model, optimiser and progress to ``path`` (atomically, loadable without executing code)."""
-        save_checkpoint(
-            {
-                "algo": self.algo,
-                "config": to_dict(self.config),
-                "spaces": policy_spaces_to_dict(self.observation_space, self.action_space),
-                "policy": self.policy.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "progress": self._progress(),
-                **self._extra_checkpoint(),
-            },
-            path,
-        )
+    def save(self, path: str | Path, weights_only: bool = False) -> None:
+        """Write the model, optimiser and progress to ``path`` (atomically, loadable without executing code).
+
+        :param weights_only: keep only what acting needs (config, spaces, policy weights, progress): a file to
+            share or ship, which :meth:`load` reads; training from it starts a fresh optimiser.
+        """
+        config = to_dict(self.config)
+        data = {
+            "algo": self.algo,
+            "config": {**config, "run_dir": None} if weights_only else config,
+            "spaces": policy_spaces_to_dict(self.observation_space, self.action_space),
+            "policy": self.policy.state_dict(),
+            "progress": self._progress(),
+        }
+        if not weights_only:
+            data |= {"optimizer": self.optimizer.state_dict(), **self._extra_checkpoint()}
+        save_checkpoint(data, path)
 
     @classmethod
     def load(cls: type[A], path: str | Path, env: Any = None, **overrides: Any) -> A:
@@ -349,7 +361,7 @@ class Agent:
         data = load_checkpoint(path)
         if data.get("algo") != cls.algo:
             raise UserError(f"{path} is a '{data.get('algo')}' checkpoint, not a {cls.algo.upper()} one")
-        missing = {"config", "spaces", "policy", "optimizer", "progress"} - set(data)
+        missing = {"config", "spaces", "policy", "progress"} - set(data)
         if missing:
             raise UserError(f"checkpoint {path} is incomplete: it has no {', '.join(sorted(missing))}")
         config = from_dict(cls.config_class, {**data["config"], **overrides}, cls.algo.upper())
@@ -357,7 +369,8 @@ class Agent:
         model._setup(config, env, policy_spaces_from_dict(data["spaces"]))
         try:
             model.policy.load_state_dict(data["policy"])
-            model.optimizer.load_state_dict(data["optimizer"])
+            if "optimizer" in data:  # not in a weights-only file
+                model.optimizer.load_state_dict(data["optimizer"])
             model._restore(data)
         except (RuntimeError, ValueError, KeyError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -364,7 +364,8 @@ class PPO(Agent):
 
     def _restore(self, data: dict[str, Any]) -> None:
         super()._restore(data)
-        restore_rng(data["rng"], self._generator)
+        if "rng" in data:  # not in a weights-only file
+            restore_rng(data["rng"], self._generator)
         self._saved_rollout = data.get("rollout")
 
 

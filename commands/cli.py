@@ -10,8 +10,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlb_rl.errors import TrainingError, UserError
+
+if TYPE_CHECKING:  # agents/ is imported where a command needs it, so `tlb-rl --help` starts fast
+    from agents.base import Agent
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -76,22 +80,39 @@ def _train(args: argparse.Namespace) -> None:
     print(f"learning curve: {plot_learning_curve(run_dir)}")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from agents import get_algorithm
-    from tlb_rl.checkpoint import load_checkpoint
-
-    run_dir = Path(args.run_dir)
-    ckpt = run_dir if run_dir.is_file() else run_dir / "checkpoints" / f"{args.checkpoint}.pt"
-    if args.checkpoint == "best" and not ckpt.exists() and not run_dir.is_file():
+def _find_checkpoint(path: str, which: str) -> Path:
+    """A checkpoint file given itself or a run directory (``which``: best, falling back to latest, or latest)."""
+    run_dir = Path(path)
+    if run_dir.is_file():
+        return run_dir
+    ckpt = run_dir / "checkpoints" / f"{which}.pt"
+    if which == "best" and not ckpt.exists():
         ckpt = run_dir / "checkpoints" / "latest.pt"  # no evaluation ran during training
     if not ckpt.exists():
         raise UserError(f"no checkpoint at {ckpt}: is {run_dir} a run directory of a run that saved one?")
+    return ckpt
+
+
+def _load_any(ckpt: Path) -> Agent:
+    from agents import get_algorithm
+    from tlb_rl.checkpoint import load_checkpoint
+
     cls = get_algorithm(load_checkpoint(ckpt).get("algo", "?"))
-    model = cls.load(ckpt, device="auto")  # a run trained on a GPU evaluates on a machine without one
+    return cls.load(ckpt, device="auto")  # a run trained on a GPU evaluates on a machine without one
+
+
+def _eval(args: argparse.Namespace) -> None:
+    model = _load_any(_find_checkpoint(args.run_dir, args.checkpoint))
     # Without --deterministic each algorithm keeps its default (BC: greedy, like the bot it copies).
     result = model.evaluate(args.episodes, gif_path=args.gif, deterministic=True if args.deterministic else None)
     summary = {k: result[k] for k in ("episodes", "success_rate", "mean_return", "mean_length")}
     print(json.dumps(summary))
+
+
+def _export(args: argparse.Namespace) -> None:
+    model = _load_any(_find_checkpoint(args.run_dir, args.checkpoint))
+    model.save(args.out, weights_only=True)
+    print(f"{args.out}: {Path(args.out).stat().st_size:,} bytes (config, spaces, policy weights)")
 
 
 def _demos(args: argparse.Namespace) -> None:
@@ -154,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gif", help="write a GIF of the first episode here")
     p.add_argument("--deterministic", action="store_true", help="take the most likely action")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="write a run's policy as a small weights-only file to share or ship")
+    p.add_argument("run_dir", help="a run directory (or a checkpoint file)")
+    p.add_argument("out", help="the file to write")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which (default best)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demos", help="record BabyAI bot demonstrations (successful episodes only)")
     p.add_argument("--env", required=True, help="a BabyAI level, e.g. BabyAI-GoToLocal-v0")

@@ -145,12 +145,17 @@ def test_tlb_ppo_learns_tmaze_and_none_cannot():
     assert _tmaze_success("none", 30_000) <= 0.65
 
 
-def test_save_load_predict_roundtrip(tmp_path):
+@pytest.mark.parametrize("weights_only", [False, True], ids=["full", "weights-only"])
+def test_save_load_predict_roundtrip(tmp_path, weights_only):
+    from tlb_rl.checkpoint import load_checkpoint
+
     model = PPO(
         "tmaze", core="tlb", core_kwargs=SMALL_CORES["tlb"], n_envs=2, n_steps=8, batch_size=16, vectorization="sync"
     )
     model.learn(16, progress=False)
-    model.save(tmp_path / "m.pt")
+    model.save(tmp_path / "m.pt", weights_only=weights_only)
+    training_state = {"optimizer", "rng", "rollout"}
+    assert training_state & set(load_checkpoint(tmp_path / "m.pt")) == (set() if weights_only else training_state)
     loaded = PPO.load(tmp_path / "m.pt")
     env = model.make_eval_env()
     obs = np.stack([env.reset(seed=s)[0] for s in (3, 4)])
@@ -266,3 +271,4 @@ def test_checkpoints_saved_before_the_shared_agent_class_still_load(tmp_path):
     save_checkpoint(data, tmp_path / "old.pt")
     old = PPO.load(tmp_path / "old.pt")
     assert (old.frames, old.updates, old.best_score, old.stale_evals) == (640, 20, (0.75,), 0)
+

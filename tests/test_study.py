@@ -130,10 +130,30 @@ def test_report_statistics_on_synthetic_curves_match_hand_computation():
     assert "| r | 4 | >= 250 [" in md and "| 3/4 |" in md and "Censored at the budget (400): r (1)" in md
 
 
+def test_an_env_measured_by_return_maps_its_returns_onto_zero_one(tmp_path):
+    """Curves, threshold and final values of such an env are its returns scaled from return_range to [0, 1]."""
+    from commands.study.config import EnvEntry
+
+    run_dir = tmp_path / "runs" / "e" / "r" / "s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "study_run.json").write_text(json.dumps({"status": "done", "wall_s": 5.0}))
+    rows = [{"frames": 100, "validation/success_rate": 0.0, "validation/return": -1.0},
+            {"frames": 200, "validation/success_rate": 0.0, "validation/return": 0.5}]  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "final_eval.json").write_text(json.dumps({"success_rate": 0.0, "mean_return": 0.0, "seeds": [7]}))
+    env = EnvEntry("e", "x", 200, 100, measure="return", return_range=[-1, 1])
+    run = report_mod.load_run(tmp_path, RunSpec("e/r/s0", "e", "r", 0, "ppo", {}), np.array([100, 200]), env)
+    np.testing.assert_allclose(run.curve, [0.0, 0.75])
+    assert run.final_success == pytest.approx(0.5)
+
+
 # ---------------------------------------------------------------------- config
 def test_study_config_errors_are_one_line(tmp_path):
     bad = {**TINY_STUDY, "envs": [{**TINY_STUDY["envs"][0], "eval_every": 1000}]}
     with pytest.raises(UserError, match="multiple of n_envs \\* n_steps"):
+        load_study(write_config(tmp_path, bad))
+    bad = {**TINY_STUDY, "envs": [{**TINY_STUDY["envs"][0], "measure": "return"}]}
+    with pytest.raises(UserError, match="measure 'return' needs return_range"):
         load_study(write_config(tmp_path, bad))
     with pytest.raises(UserError, match="unknown study key 'seed'"):
         load_study(write_config(tmp_path, {**TINY_STUDY, "seed": 1}))

@@ -55,6 +55,11 @@ class EnvEntry:
     """Frames between validation evaluations: the points of the learning curves."""
     env_kwargs: dict = field(default_factory=dict)
     """Options of the env."""
+    measure: str = "success"
+    """``success`` (rate) where the env defines success, else ``return`` (mean episodic return, normalised by
+    ``return_range``): the curves, the threshold, the best checkpoint and the tables all use it."""
+    return_range: list | None = None
+    """``[lowest, highest]`` episodic return, which maps returns onto [0, 1] (needed with ``measure: return``)."""
     ppo: dict = field(default_factory=dict)
     """PPOConfig keys for the PPO runs on this env."""
     bc: dict = field(default_factory=dict)
@@ -171,6 +176,19 @@ def _check(study: StudyConfig) -> None:
     for env in study.envs:
         if env.total_frames < 1 or not 0 < env.eval_every <= env.total_frames:
             raise UserError(f"env '{env.name}': need total_frames >= 1 and 0 < eval_every <= total_frames")
+        if env.measure not in ("success", "return"):
+            raise UserError(f"env '{env.name}': measure must be success or return, got '{env.measure}'")
+        valid_range = (
+            isinstance(env.return_range, list)
+            and len(env.return_range) == 2
+            and all(isinstance(x, (int, float)) for x in env.return_range)
+            and env.return_range[0] < env.return_range[1]
+        )
+        if env.measure == "return" and not valid_range:
+            raise UserError(
+                f"env '{env.name}': measure 'return' needs return_range: [lowest, highest] episodic return "
+                f"(got {env.return_range}), so that curves and the threshold lie on [0, 1]"
+            )
     from agents import ALGORITHMS
 
     for agent in study.agents:
@@ -204,6 +222,8 @@ def agent_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry
     cls = get_algorithm(agent.algo)
     base = load_yaml(agent.config) if agent.config else {}
     cell = {"env": env.env, "env_kwargs": env.env_kwargs, "core": core, "core_kwargs": study.cores[core], "seed": seed}
+    if env.measure != "success":  # a success-measured run keeps the keys (and fingerprint) it had before
+        cell["measure"] = env.measure
     merged = _merge(base, getattr(study, agent.algo, {}), getattr(env, agent.algo, {}), agent.overrides, cell)
     merged.pop("run_dir", None)
     where = f"{cls.algo.upper()} config of {agent.name}/{core} on {env.name}"
@@ -225,6 +245,7 @@ def baseline_config(study: StudyConfig, name: str, env: EnvEntry, seed: int) -> 
         **study.baselines[name],
         "env": env.env,
         "env_kwargs": env.env_kwargs,
+        **({"measure": env.measure} if env.measure != "success" else {}),
         "seed": seed,
         "total_frames": env.total_frames,
         "eval_every": env.eval_every,

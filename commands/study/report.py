@@ -17,7 +17,7 @@ import numpy as np
 
 from agents import ALGORITHMS
 from commands.study import stats
-from commands.study.config import RunSpec, StudyConfig, expand, load_study
+from commands.study.config import EnvEntry, RunSpec, StudyConfig, expand, load_study
 from commands.study.sb3_baseline import DIFFERENCES
 from tlb_rl.errors import UserError
 from tlb_rl.logger import read_metrics
@@ -31,8 +31,9 @@ class RunData:
 
     spec: RunSpec
     curve: np.ndarray
-    """Validation success at each grid point."""
+    """The env's measure on the validation seeds at each grid point (success rate, or normalised return)."""
     final_success: float
+    """The env's measure of the best checkpoint on the held-out evaluation seeds."""
     final_seeds: list[int]
     wall_s: float
     steps_per_s: float
@@ -53,8 +54,8 @@ def grid_of(total_frames: int, eval_every: int) -> np.ndarray:
     return np.arange(1, total_frames // eval_every + 1) * eval_every
 
 
-def load_run(study_dir: Path, spec: RunSpec, grid: np.ndarray) -> RunData | None:
-    """The run's data, or None if it has not finished."""
+def load_run(study_dir: Path, spec: RunSpec, grid: np.ndarray, env: EnvEntry) -> RunData | None:
+    """The run's data on the env's measure (success rate, or return mapped onto [0, 1]), or None if unfinished."""
     run_dir = study_dir / "runs" / spec.run_id
     record_path, final_path = run_dir / "study_run.json", run_dir / "final_eval.json"
     if not record_path.exists() or not final_path.exists():
@@ -62,20 +63,25 @@ def load_run(study_dir: Path, spec: RunSpec, grid: np.ndarray) -> RunData | None
     record = json.loads(record_path.read_text())
     if record.get("status") != "done":
         return None
+    if env.measure == "success":
+        key, final_key, scale = "validation/success_rate", "success_rate", (lambda x: x)
+    else:
+        low, high = env.return_range  # type: ignore[misc]
+        key, final_key, scale = "validation/return", "mean_return", (lambda x: (x - low) / (high - low))
     # A resumed run may log the updates after its last checkpoint twice: the later row wins.
     rows = {int(r["frames"]): r for r in read_metrics(run_dir)}
-    evals = [(f, r["validation/success_rate"]) for f, r in sorted(rows.items()) if "validation/success_rate" in r]
+    evals = [(f, scale(r[key])) for f, r in sorted(rows.items()) if key in r]
     if not evals:
-        raise UserError(f"run {run_dir} has no validation evaluations in metrics.jsonl")
-    frames, success = map(np.array, zip(*evals, strict=True))
+        raise UserError(f"run {run_dir} has no validation evaluations ({key}) in metrics.jsonl")
+    frames, measured = map(np.array, zip(*evals, strict=True))
     # PPO logs env steps/s, BC demonstration steps/s.
     fps = [r.get("time/fps", r.get("time/steps_per_s")) for r in rows.values()]
     fps = [f for f in fps if f is not None]
     final = json.loads(final_path.read_text())
     return RunData(
         spec=spec,
-        curve=stats.on_grid(frames, success, grid),
-        final_success=float(final["success_rate"]),
+        curve=stats.on_grid(frames, measured, grid),
+        final_success=float(scale(final[final_key])),
         final_seeds=list(final.get("seeds", [])),
         wall_s=float(record["wall_s"]),
         steps_per_s=float(np.median(fps)) if fps else float("nan"),
@@ -89,7 +95,7 @@ def collect(study: StudyConfig, study_dir: Path, specs: list[RunSpec]) -> dict[s
     for spec in specs:
         env = envs[spec.env_name]
         cell = cells.setdefault(spec.env_name, {}).setdefault(spec.row, Cell())
-        run = load_run(study_dir, spec, grid_of(env.total_frames, env.eval_every))
+        run = load_run(study_dir, spec, grid_of(env.total_frames, env.eval_every), env)
         if run is None:
             cell.missing.append(spec.run_id)
         else:
@@ -194,6 +200,8 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
             "env_kwargs": env.env_kwargs,
             "budget": env.total_frames,
             "eval_every": env.eval_every,
+            "measure": env.measure,
+            "return_range": env.return_range,
             "grid": grid.tolist(),
             "rows": {
                 row: summarize_cell(cell, grid, study.threshold, env.total_frames)
@@ -256,7 +264,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## {name}: `{env['env']}`{f' ({kwargs})' if kwargs else ''}",
             "",
-            f"Budget {env['budget']:,} frames per run; validation every {env['eval_every']:,} frames.",
+            f"Budget {env['budget']:,} frames per run; validation every {env['eval_every']:,} frames."
+            + (
+                f" Measure: mean episodic return mapped from {env['return_range']} onto [0, 1]; *success*, the "
+                "threshold and the curves below mean that measure on this env."
+                if env.get("measure") == "return"
+                else ""
+            ),
             "",
             f"| row | runs | frames to {t} | reached | final success | AUC | wall-clock / run | steps/s |",
             "|---|---|---|---|---|---|---|---|",

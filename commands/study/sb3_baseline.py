@@ -34,6 +34,8 @@ class RecurrentPPOConfig:
     """Frames between validation evaluations (a multiple of n_envs * n_steps)."""
     eval_episodes: int = 100
     """Episodes per validation evaluation and for the final evaluation."""
+    measure: str = "success"
+    """What picks the best checkpoint: ``success`` (rate) or ``return`` (mean episodic return)."""
     n_envs: int = 8
     n_steps: int = 128
     batch_size: int = 256
@@ -127,7 +129,7 @@ def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
         """
 
         def _on_training_start(self) -> None:
-            self.next_eval, self.best, self.clock = config.eval_every, -1.0, time.perf_counter()
+            self.next_eval, self.best, self.clock = config.eval_every, -float("inf"), time.perf_counter()
             self.frames_at_clock = 0
 
         def _on_rollout_start(self) -> None:
@@ -144,10 +146,16 @@ def train(config: RecurrentPPOConfig, run_dir: Path) -> dict:
                 return
             fps = (self.num_timesteps - self.frames_at_clock) / (time.perf_counter() - self.clock)
             result = evaluate_recurrent(self.model, config, VALIDATION_SEED_BASE)
-            if result["success_rate"] > self.best:
-                self.best = result["success_rate"]
+            measured = result["success_rate"] if config.measure == "success" else result["mean_return"]
+            if measured > self.best:
+                self.best = measured
                 self.model.save(best)
-            row = {"frames": self.num_timesteps, "validation/success_rate": result["success_rate"], "time/fps": fps}
+            row = {
+                "frames": self.num_timesteps,
+                "validation/success_rate": result["success_rate"],
+                "validation/return": result["mean_return"],
+                "time/fps": fps,
+            }
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             while self.next_eval <= self.num_timesteps:
