@@ -340,15 +340,18 @@ class Agent:
     def save(self, path: str | Path, weights_only: bool = False) -> None:
         """Write the model, optimiser and progress to ``path`` (atomically, loadable without executing code).
 
-        :param weights_only: keep only what acting needs (config, spaces, policy weights, progress): a file to
-            share or ship, which :meth:`load` reads; training from it starts a fresh optimiser.
+        :param weights_only: keep only what acting needs (config, spaces, policy weights in float16, progress):
+            a file a quarter of the full checkpoint's size to share or ship, which :meth:`load` reads (into
+            float32; training from it starts a fresh optimiser).
         """
-        config = to_dict(self.config)
+        config, weights = to_dict(self.config), self.policy.state_dict()
+        if weights_only:
+            weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
         data = {
             "algo": self.algo,
             "config": {**config, "run_dir": None} if weights_only else config,
             "spaces": policy_spaces_to_dict(self.observation_space, self.action_space),
-            "policy": self.policy.state_dict(),
+            "policy": weights,
             "progress": self._progress(),
         }
         if not weights_only:

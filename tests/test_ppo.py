@@ -13,6 +13,7 @@ from agents.buffer import RolloutBuffer, compute_gae
 from agents.ppo import _EpisodeStats
 from envs.seeding import EVAL_SEED_BASE, VALIDATION_SEED_BASE
 from tlb_rl.cores import CORES
+from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.errors import UserError
 
 SMALL_CORES = {
@@ -161,9 +162,17 @@ def test_save_load_predict_roundtrip(tmp_path, weights_only):
     obs = np.stack([env.reset(seed=s)[0] for s in (3, 4)])
     a1, s1 = model.predict(obs, deterministic=True)
     a2, s2 = loaded.predict(obs, deterministic=True)
-    np.testing.assert_array_equal(a1, a2)
+    # A weights-only file holds float16 weights: the same policy to within float16 rounding.
+    close = {"atol": 2e-2, "rtol": 2e-2} if weights_only else {}
+    if not weights_only:
+        np.testing.assert_array_equal(a1, a2)
+    obs_t = obs_to_tensor(obs[:, None], "cpu")  # [envs, T = 1, ...]
+    starts = torch.ones(2, 1, dtype=torch.bool)
+    (d1, v1, _), (d2, v2, _) = (m.policy(obs_t, m.policy.initial_state(2), starts) for m in (model, loaded))
+    torch.testing.assert_close(d1.entropy(), d2.entropy(), **close)
+    torch.testing.assert_close(v1, v2, **close)
     for k in s1:
-        torch.testing.assert_close(s1[k], s2[k])
+        torch.testing.assert_close(s1[k], s2[k], **close)
     assert loaded.frames == model.frames == 16
     # The policy acts under inference mode; the state a user gets back must be an ordinary tensor.
     s1["slow"].zero_()
