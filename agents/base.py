@@ -202,7 +202,10 @@ class Agent:
         """Release what ``learn`` opened (env processes)."""
 
     # ------------------------------------------------------------------ run directory and stopping
-    def _prepare_run_dir(self, run_dir: Path) -> None:
+    def make_run_dir(self) -> None:
+        """Create the run directory with its ``checkpoints/`` and write ``config.json``; one line if it cannot."""
+        run_dir = self.run_dir
+        assert run_dir is not None, "the config has no run_dir"
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2) + "\n")

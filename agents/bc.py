@@ -225,7 +225,7 @@ class BC(Agent):
         train, val = self._data
         run_dir = self.run_dir
         if run_dir is not None:
-            self._prepare_run_dir(run_dir)
+            self.make_run_dir()
         segments = self._epoch(train)
         # Frames (the x axis) count demonstration steps trained on; a packed update holds about this many.
         steps_per_update = int(train.lengths.sum()) / len(segments)

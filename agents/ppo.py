@@ -175,7 +175,7 @@ class PPO(Agent):
         total = total_frames or cfg.total_frames
         run_dir = self.run_dir
         if run_dir is not None:
-            self._prepare_run_dir(run_dir)
+            self.make_run_dir()
         self._ensure_envs()
         buffer = RolloutBuffer(cfg.n_steps, cfg.n_envs, self.seq_len, self.device)
         logger = RunLogger(run_dir, total, progress, start_frames=self.frames)

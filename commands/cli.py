@@ -49,10 +49,7 @@ def _train(args: argparse.Namespace) -> None:
     model.prepare()  # e.g. BC's dataset: a bad one stops here, before a run directory is announced
     run_dir = model.run_dir
     assert run_dir is not None
-    try:  # before anything is printed, so a bad directory is the one line the user sees
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+    model.make_run_dir()  # before anything is printed, so a bad directory is the one line the user sees
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", file=sys.stderr)
     try:
         model.learn(progress=not args.no_progress)
