@@ -117,22 +117,23 @@ def build(spec: str) -> Core:
 
 
 def baseline_cores(path: str, current: dict[str, Core]) -> dict[str, Core]:
-    """The cores of ``current`` built again from the classes that file ``path`` defines, at default sizes.
+    """The cores of ``current`` built again, with the same settings, from the classes that file ``path`` defines.
 
     The file is imported as a module, so it may import ``tlb_rl`` (an earlier ``tlb.py`` does); a core is
     taken when the file defines the class its name is registered with (``RNNCore`` for lstm and gru).
     """
-    spec = importlib.util.spec_from_file_location("_cores_baseline", path)
-    if spec is None or spec.loader is None:
+    module_spec = importlib.util.spec_from_file_location("_cores_baseline", path)
+    if module_spec is None or module_spec.loader is None:
         raise SystemExit(f"--baseline-file {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     found = {}
-    for name, core in current.items():
+    for spec, core in current.items():
+        name, *options = spec.split(":")
         cls = getattr(module, type(core).__name__, None)
         if isinstance(cls, type) and issubclass(cls, Core):
             cell = {"cell": name} if name in ("lstm", "gru") else {}
-            found[f"{name}@baseline"] = cls(INPUT_DIM, **cell)
+            found[f"{spec}@baseline"] = cls(INPUT_DIM, **cell, **apply_overrides({}, options))
     if not found:
         raise SystemExit(f"--baseline-file {path} defines none of the classes of the cores {', '.join(current)}")
     return found

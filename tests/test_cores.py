@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import tlb_rl.cores.tlb as tlb_module
 from tlb_rl.cores import CORES, Core, State, make_core
 from tlb_rl.errors import UserError
 
@@ -603,12 +602,10 @@ def _scenario(core: Core, B: int, T: int, seed: int, warm: int) -> tuple[torch.T
 
 
 @pytest.mark.parametrize("config", TLB_CONFIGS)
-def test_tlb_long_calls_in_several_attention_blocks_equal_stepping(config, monkeypatch):
-    """A call longer than BLOCK steps attends block by block; blocks of 5 steps (not a multiple of any K here)
-    cut chunks and episodes anywhere."""
-    monkeypatch.setattr(tlb_module, "BLOCK", 5)
+def test_tlb_long_calls_equal_stepping(config):
+    """A call of many chunks (the carried state's clock puts its steps anywhere in them) equals stepping."""
     core = build(config)
-    T = 29
+    T = 41
     x, starts, state0 = _scenario(core, 4, T, seed=23, warm=7)
     with torch.no_grad():
         y_all, s_all = core(x, state0, starts)

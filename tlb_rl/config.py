@@ -107,4 +107,3 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
-

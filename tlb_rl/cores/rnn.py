@@ -121,4 +121,3 @@ class RNNCore(Core):
         out, new = self._run(PackedSequence(data, batch_sizes.cpu(), order, rank), h0)
         last = first + n_pieces - 1  # each row's last piece holds its final state (h_n keeps input order)
         return out.data.index_select(0, slot).view(B, T, -1), [h[:, last] for h in new]
-
