@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import tlb_rl.cores.tlb as tlb_module
 from tlb_rl.cores import CORES, Core, State, make_core
 from tlb_rl.errors import UserError
 
@@ -579,11 +580,17 @@ def _training_pass_ops(core: Core, starts: torch.Tensor) -> list[str]:
     return rec.ops
 
 
+@pytest.fixture
+def static_path(monkeypatch):
+    """TLB's path for a GPU and ``torch.compile`` (no host read), here on the CPU."""
+    monkeypatch.setattr(tlb_module, "_static", lambda t: True)
+
+
 @pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-parallel", "tlb-K3-parallel"])
-def test_tlb_training_pass_runs_the_same_ops_whatever_the_episode_starts(config):
-    """No host sync (``.item()``, ``bool(tensor)``) and no data-dependent branch in forward or backward: the op
-    sequence is fixed by the shapes (what CUDA-graph capture needs), and its cost does not grow with the
-    number of episodes in a batch."""
+def test_tlb_training_pass_runs_the_same_ops_whatever_the_episode_starts(config, static_path):
+    """On its static path: no host sync (``.item()``, ``bool(tensor)``) and no data-dependent branch in forward or
+    backward: the op sequence is fixed by the shapes (what CUDA-graph capture needs), and its cost does not grow
+    with the number of episodes in a batch."""
     core = build(config).train()
     B, T = 3, 19
     gen = torch.Generator().manual_seed(22)
@@ -601,9 +608,13 @@ def _scenario(core: Core, B: int, T: int, seed: int, warm: int) -> tuple[torch.T
     return x, _scenario_starts(B, T, gen), warm_state(core, B, warm, seed=seed + 1)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["cpu-path", "static-path"])
 @pytest.mark.parametrize("config", TLB_CONFIGS)
-def test_tlb_long_calls_equal_stepping(config):
-    """A call of many chunks (the carried state's clock puts its steps anywhere in them) equals stepping."""
+def test_tlb_long_calls_equal_stepping(config, static, monkeypatch):
+    """A call of many chunks (the carried state's clock puts its steps anywhere in them) equals stepping, on
+    the CPU's path and on the static one a GPU takes (a chunk of padding, the slow update on every step)."""
+    if static:
+        monkeypatch.setattr(tlb_module, "_static", lambda t: True)
     core = build(config)
     T = 41
     x, starts, state0 = _scenario(core, 4, T, seed=23, warm=7)

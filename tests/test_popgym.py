@@ -19,8 +19,19 @@ SPECS = sorted(f"{cls.__module__}:{cls.__name__}" for cls in popgym_envs.ALL)
 def test_popgym_env_trains(spec: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EnvCheckWarning)  # the suite's shared info dicts: checked below
-        model = PPO(spec, core="lstm", core_kwargs={"hidden_size": 16}, n_envs=2, n_steps=64, batch_size=128,
-                    total_frames=256, eval_every=0, vectorization="sync", seed=0, torch_threads=1)
+        model = PPO(
+            spec,
+            core="lstm",
+            core_kwargs={"hidden_size": 16},
+            n_envs=2,
+            n_steps=64,
+            batch_size=128,
+            total_frames=256,
+            eval_every=0,
+            vectorization="sync",
+            seed=0,
+            torch_threads=1,
+        )
     model.learn(progress=False)
     model.close()
     assert model.frames == 256 and model.updates == 2

@@ -280,4 +280,3 @@ def test_checkpoints_saved_before_the_shared_agent_class_still_load(tmp_path):
     save_checkpoint(data, tmp_path / "old.pt")
     old = PPO.load(tmp_path / "old.pt")
     assert (old.frames, old.updates, old.best_score, old.stale_evals) == (640, 20, (0.75,), 0)
-

@@ -6,10 +6,13 @@ Slow stream: N vectors, updated when a chunk completes by reading the chunk's to
 
 Chunks follow each env's step clock: step t of a row is position ``t mod K`` of its chunk, whatever the
 episodes do. An episode start resets the slow vectors to a learned value and masks what came before it:
-the fast attention of later steps, and the slow update of the chunk. So the number of chunks in a call
-depends on T alone, every env completes a chunk on the same steps, and nothing in the computation depends
-on the data's values: no host syncs, static shapes (``torch.compile(fullgraph=True)`` works; the same
-property is what CUDA-graph capture needs, benchmarks/cuda_graph.py).
+the fast attention of later steps, and the slow update of the chunk. So every env completes a chunk on the
+same steps, and a call's tokens lie in whole chunks (laid out by slot, see :class:`_Plan`), so every
+attention is chunk-local. On a GPU and under ``torch.compile`` nothing in the computation depends on the
+data's values: no host syncs, shapes fixed by T (``torch.compile(fullgraph=True)`` works; the same property
+is what CUDA-graph capture needs, benchmarks/cuda_graph.py). On a CPU, where a host read costs nothing, two
+reads skip work: the chunk of padding a call starting a chunk does not need, and the slow update on the
+acting steps where no env completes a chunk.
 
 Two slow updates:
 
@@ -48,8 +51,8 @@ class _Plan(NamedTuple):
     attention is chunk-local: a view, no copy, and T * K work instead of T^2.
     """
 
-    C: int  # chunks a call of T steps can touch, whatever the clock: S = C * K slots
-    updates: int  # the first chunks, the only ones that can complete in the call, whatever the clock
+    C: int  # chunks the call can touch: S = C * K slots
+    updates: int  # the first chunks, the only ones that can complete in the call
     src: torch.Tensor  # [B, S, D] the step held by each slot (T: a zero row, for slots outside the call)
     dst: torch.Tensor  # [B, T, D] the slot of each step
     cached: torch.Tensor  # [B, S, 1] the slot lies before the call: its keys come from the state's cache
@@ -59,6 +62,12 @@ class _Plan(NamedTuple):
     update_mask: torch.Tensor  # [B, C, K] the keys chunk c's update reads: its last step's episode
     reset: torch.Tensor  # [B, C] an episode began in chunk c: its update starts from the initial slow vectors
     complete: torch.Tensor  # [B, C] chunk c has all K steps: only then is it read
+
+
+def _static(t: torch.Tensor) -> bool:
+    """Whether shapes and branches must not depend on data values: on a GPU (a host read waits for the device
+    and breaks graph capture) and under ``torch.compile``. Elsewhere (a CPU, eager) a host read is free."""
+    return t.is_cuda or torch.compiler.is_compiling()
 
 
 def _additive(mask: torch.Tensor) -> torch.Tensor:
@@ -206,8 +215,12 @@ class TLBCore(Core):
         """Where a call's steps sit by slot, and what may attend to what (see :class:`_Plan`)."""
         B, T = starts.shape
         K, D, dev = self.K, self.output_dim, starts.device
-        C = (T + K - 2) // K + 1  # the chunks of slots 0 .. K - 1 + T - 1, the most a call can touch
         clock = state["chunk_len"][:, None]  # [B, 1]
+        # The latest clock the layout allows for. K - 1 makes the shapes depend on T alone (graph capture, compile);
+        # on a CPU a host read is free, and a call whose rows all begin a chunk (PPO's rollouts of a multiple of K
+        # steps) then lays out no chunk of padding: T = 128, K = 16 is 8 chunks instead of 9.
+        lead = K - 1 if _static(starts) else int(clock.max())
+        C = (lead + T - 1) // K + 1  # the chunks of slots 0 .. lead + T - 1
         s = torch.arange(C * K, device=dev)
         step = s - clock  # [B, S] the call's step at each slot
         inside = (step >= 0) & (step < T)
@@ -225,7 +238,7 @@ class TLBCore(Core):
         c = torch.arange(C, device=dev)
         return _Plan(
             C=C,
-            updates=(T - 1) // K + 1,
+            updates=(lead + T) // K,
             src=src[..., None].expand(-1, -1, D),
             dst=(clock + torch.arange(T, device=dev))[..., None].expand(-1, -1, D),
             cached=(step < 0)[..., None],
@@ -282,9 +295,8 @@ class TLBCore(Core):
         chunk_kv.append(update_kv)
         complete = q == K - 1
         new_slow = slow
-        # In eager CPU mode a host read costs nothing, and skipping the update on the K-1 of K steps where no
-        # row completes a chunk saves most of its cost; elsewhere the step stays branch-free for capture.
-        if complete.is_cuda or torch.compiler.is_compiling() or bool(complete.any()):
+        # Skipping the update on the K-1 of K steps where no row completes a chunk saves most of its cost.
+        if _static(complete) or bool(complete.any()):
             key, value = self.update.keys_values(update_kv)
             if self.parallel:
                 log_keep, written = self._parallel_update(key, value, visible)
