@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import gymnasium as gym
 import torch
@@ -30,6 +30,9 @@ from tlb_rl.config import from_dict, to_dict
 from tlb_rl.errors import UserError
 from tlb_rl.policy import SequencePolicy
 from tlb_rl.spaces import policy_spaces_from_dict, policy_spaces_to_dict
+
+if TYPE_CHECKING:
+    from agents.inspect import Episode
 
 A = TypeVar("A", bound="Agent")
 
@@ -281,6 +284,25 @@ class Agent:
             deterministic=self.deterministic if deterministic is None else deterministic,
             gif_path=gif_path,
         )
+
+    def inspect(
+        self,
+        n_episodes: int = 16,
+        probe: str | None = None,
+        seed_start: int = EVAL_SEED_BASE,
+        deterministic: bool | None = None,
+        render: bool = False,
+    ) -> list[Episode]:
+        """Play held-out episodes and keep, per step, what the memory holds and does (see :mod:`agents.inspect`):
+        the core's memory and its change, ``info[probe]`` with each observation, and for TLB its attention and
+        gates. ``agents.inspect.linear_probe`` and ``principal_components`` analyse the result, and
+        ``agents.inspect_figures`` draws it, as ``tlb-rl inspect`` does.
+
+        :param render: keep the first episode's rgb frames (for ``inspect_figures.episode_gif``).
+        """
+        from agents.inspect import run_inspection
+
+        return run_inspection(self, n_episodes, probe, seed_start, self.eval_parallel, deterministic, render)
 
     def _validate(self, *tiebreak: float) -> dict[str, float]:
         """Evaluate on the validation seeds; a better (measure, *tiebreak) is saved as ``best.pt``."""

@@ -1,4 +1,4 @@
-"""The ``tlb-rl`` command: train, evaluate, record demonstrations, run studies, list environments.
+"""The ``tlb-rl`` command: train, evaluate, inspect the memory, record demonstrations, run studies, list envs.
 
 Mistakes the user can fix print one line on stderr and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tlb_rl.errors import TrainingError, UserError
 
@@ -112,6 +112,45 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{args.out}: {Path(args.out).stat().st_size:,} bytes (config, spaces, policy weights)")
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from agents.inspect import PROBE_PENALTY, linear_probe
+    from agents.inspect_figures import episode_figure, episode_gif, pca_figure, probe_figure
+
+    model = _load_any(_find_checkpoint(args.path, args.checkpoint))
+    target = Path(args.path)
+    out = Path(args.out) if args.out else target / "inspect" if target.is_dir() else Path(f"inspect-{target.stem}")
+    env = model.make_eval_env()
+    render = args.gif and "rgb_array" in env.metadata.get("render_modes", [])
+    env.close()
+    deterministic = True if args.deterministic else None
+    episodes = model.inspect(args.episodes, args.probe, deterministic=deterministic, render=render)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [episode_figure(e, out / f"episode_seed{e.seed}.png") for e in episodes[: args.figures]]
+    figures.append(pca_figure(episodes, out / "pca.png"))
+    summary: dict[str, Any] = {
+        "checkpoint": str(_find_checkpoint(args.path, args.checkpoint)),
+        "episodes": len(episodes),
+        "success_rate": float(np.mean([e.success for e in episodes])),
+        "mean_length": float(np.mean([len(e.memory) for e in episodes])),
+        "memory_size": int(episodes[0].memory.shape[1]),
+        "mean_change_per_step": float(np.mean(np.concatenate([e.change for e in episodes]))),
+    }
+    if args.probe:
+        probe = linear_probe(episodes, PROBE_PENALTY if args.probe_penalty is None else args.probe_penalty)
+        summary["probe"] = {"key": args.probe, **probe}
+        figures.append(probe_figure(probe, args.probe, out / "probe.png"))
+        last = "n/a (too few episodes or one label)" if probe["last"] is None else f"{probe['last']:.2f}"
+        print(f"linear probe of {args.probe!r}: held-out R^2 {last} at the last step (0: chance, 1: read perfectly)")
+    if render:
+        figures.append(episode_gif(episodes[0], out / "episode.gif"))
+    elif args.gif:
+        print("no GIF: the env does not render rgb_array frames")
+    (out / "inspect.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{len(episodes)} episodes, success {summary['success_rate']:.2f}; figures: {', '.join(map(str, figures))}")
+
+
 def _demos(args: argparse.Namespace) -> None:
     from agents.bot import generate_demos
 
@@ -178,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the file to write")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which (default best)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("inspect", help="run episodes of a policy and draw what its memory holds and does")
+    p.add_argument("path", help="a run directory or a checkpoint file (pretrained/*.pt too)")
+    p.add_argument("--episodes", type=_positive_int, default=32, help="held-out episodes (default 32)")
+    p.add_argument("--probe", help="a key of the env's info to probe the memory for, e.g. cue on the T-maze")
+    p.add_argument(
+        "--probe-penalty",
+        type=float,
+        help="the probe's ridge penalty, in units of the memory's total variance (default 1; agents/inspect.py)",
+    )
+    p.add_argument("--figures", type=int, default=4, help="episodes drawn one PNG each (default 4)")
+    p.add_argument("--gif", action="store_true", help="a GIF of the first episode, its memory beside the frame")
+    p.add_argument("--out", help="directory for the figures (default RUN_DIR/inspect or ./inspect-NAME)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which (default best)")
+    p.add_argument("--deterministic", action="store_true", help="take the most likely action")
+    p.set_defaults(func=_inspect)
 
     p = sub.add_parser("demos", help="record BabyAI bot demonstrations (successful episodes only)")
     p.add_argument("--env", required=True, help="a BabyAI level, e.g. BabyAI-GoToLocal-v0")

@@ -6,6 +6,9 @@ Passive T-maze with memory length ``L = corridor_length``::
     steps 1..L-1  the corridor: every observation the same, and the agent advances whatever it does
     step L        the junction: action 0 goes up, 1 goes down; reward 1 on the cued side, else 0
 
+Every ``info`` holds ``cue`` (0: up, 1: down), so ``tlb-rl inspect --probe cue`` can ask whether a
+policy's memory still holds it at the junction.
+
 An episode is L + 1 steps and nothing but memory of step 0 beats guessing (0.5). With ``active=True``
 the agent walks instead: action 2 steps forward, 0 and 1 move it only at the junction, and an episode
 that has not chosen after ``max_steps`` is truncated with reward 0.
@@ -64,16 +67,16 @@ class TMazeEnv(gym.Env[np.ndarray, np.int64]):
         self._cue = int(self.np_random.integers(2))
         self._position = 0
         self._steps = 0
-        return self._observation(), {}
+        return self._observation(), {"cue": self._cue}
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         action = int(action)
         self._steps += 1
         if self._position == self.corridor_length and action in (UP, DOWN):
             success = action == self._cue
-            return self._observation(), float(success), True, False, {"is_success": success}
+            return self._observation(), float(success), True, False, {"is_success": success, "cue": self._cue}
         if not self.active or action == FORWARD:
             self._position = min(self._position + 1, self.corridor_length)
         truncated = self.active and self._steps >= self.max_steps
-        info = {"is_success": False} if truncated else {}
+        info = {"is_success": False, "cue": self._cue} if truncated else {"cue": self._cue}
         return self._observation(), 0.0, False, truncated, info

@@ -625,6 +625,27 @@ def test_tlb_long_calls_equal_stepping(config, static, monkeypatch):
     assert_states_close(s, s_all)
 
 
+@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K5-L3R2", "tlb-K3-parallel"])
+def test_tlb_rows_at_different_clocks_equal_stepping(config):
+    """Rows whose chunks are at different positions (states of different histories, batched) lay out their
+    steps at different slots of one call."""
+    core = build(config)
+    gen = torch.Generator().manual_seed(27)
+    states = []
+    for warm in [2, 3, 5, 8, 13]:
+        x = torch.randn(1, warm, IN, generator=gen)
+        states.append(core(x, core.initial_state(1), random_starts(1, warm, 0.3, gen))[1])
+    state0 = {k: torch.cat([s[k] for s in states]) for k in states[0]}
+    assert len(set(state0["chunk_len"].tolist())) > 2
+    T = 17
+    x, starts = torch.randn(5, T, IN, generator=gen), random_starts(5, T, 0.15, gen)
+    with torch.no_grad():
+        y_all, s_all = core(x, state0, starts)
+        y, s = run_pieces(core, x, starts, state0, [1] * T)
+    torch.testing.assert_close(y, y_all, atol=ATOL, rtol=0)
+    assert_states_close(s, s_all)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-parallel", "tlb-K3-parallel", "lstm", "gru"])
 def test_cuda_matches_cpu_and_stepping(config):

@@ -142,8 +142,10 @@ def _tmaze_success(core: str, frames: int) -> float:
 
 
 def test_tlb_ppo_learns_tmaze_and_none_cannot():
-    assert _tmaze_success("tlb", 30_000) >= 0.9
-    assert _tmaze_success("none", 30_000) <= 0.65
+    # 40k frames: seed 0 reached 1.0 at 30k with one torch thread in one build of the core and 0.54 in another
+    # that computes the same function to float rounding; at 40k both reach 1.0 (seeds 1-3: 1.0 at 30k).
+    assert _tmaze_success("tlb", 40_000) >= 0.9
+    assert _tmaze_success("none", 40_000) <= 0.65
 
 
 @pytest.mark.parametrize("weights_only", [False, True], ids=["full", "weights-only"])

@@ -43,6 +43,11 @@ class Core(nn.Module):
         """Run the core over ``x`` [B, T, input_dim]; returns outputs [B, T, output_dim] and the final state."""
         raise NotImplementedError
 
+    def memory(self, state: State) -> torch.Tensor:
+        """What ``state`` remembers, one vector per row [B, F] (what ``tlb-rl inspect`` probes and plots): by
+        default every floating-point tensor of the state."""
+        return torch.cat([v.flatten(1).float() for v in state.values() if v.is_floating_point()], 1)
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A loss computed by the most recent :meth:`forward` call, or None."""
         return None

@@ -10,11 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlb_rl.cores.record import record
+
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[N, S, D] -> [N, H, S, D/H]"""
     N, S, D = x.shape
     return x.view(N, S, n_heads, D // n_heads).transpose(1, 2)
+
+
+def attention_weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights [N, H, S, Sk] that ``scaled_dot_product_attention`` gives queries [N, H, S, d] over keys."""
+    scores = query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1)
 
 
 class Attention(nn.Module):
@@ -43,12 +53,10 @@ class Attention(nn.Module):
         [N, H, S, Sk].
         """
         N, S, D = query.shape
+        query = split_heads(query, self.n_heads)
+        record(self, lambda: attention_weights(query, key, mask))
         y = F.scaled_dot_product_attention(
-            split_heads(query, self.n_heads),
-            key,
-            value,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # [N, H, S, D/H]
         return self.out(y.transpose(1, 2).reshape(N * S, D)).view(N, S, D)  # a 2-D linear: one kernel
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from tlb_rl.cores.base import Core, State, check_inputs, check_sizes
 from tlb_rl.cores.blocks import Block
+from tlb_rl.cores.record import record
 
 SLOW_UPDATES = ("sequential", "parallel")
 
@@ -178,6 +179,10 @@ class TLBCore(Core):
             # the first slot of the chunk that belongs to the current episode (0: it began before the chunk)
             "ep_start": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
+
+    def memory(self, state: State) -> torch.Tensor:
+        """The slow vectors [B, N * D]: what the core carries beyond the chunk in progress."""
+        return state["slow"].flatten(1)
 
     def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
@@ -349,7 +354,9 @@ class TLBCore(Core):
         new = upd.feed_forward(slow + upd.attention(upd.query(slow), key, value, mask))
         if self.gate is None:
             return new
-        return torch.lerp(slow, new, torch.sigmoid(self.gate(torch.cat([slow, new], -1))))
+        opening = torch.sigmoid(self.gate(torch.cat([slow, new], -1)))
+        record((self, "opening"), lambda: opening.mean(-1))  # [B, N]: the share of each slow vector replaced
+        return torch.lerp(slow, new, opening)
 
     def _parallel_update(
         self, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
@@ -360,7 +367,9 @@ class TLBCore(Core):
         query = upd.query(self.slow_query).expand(key.shape[0], -1, -1)
         u = upd.feed_forward(self.slow_query + upd.attention(query, key, value, mask))
         keep, write = self.gate(u).split(1, -1)
-        return F.logsigmoid(keep + self.gate_bias), torch.sigmoid(write) * u
+        log_keep = F.logsigmoid(keep + self.gate_bias)
+        record((self, "opening"), lambda: 1 - log_keep.exp()[..., 0])  # [M, N]: the share of each slow vector let go
+        return log_keep, torch.sigmoid(write) * u
 
     def _gated_recurrence(
         self,

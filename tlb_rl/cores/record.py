@@ -1,0 +1,41 @@
+"""Recording what a core computes, from the forward pass that acts: attention weights and gate openings.
+
+    with recording() as rec:
+        y, state = core(x, state, starts)
+    rec[core.update.attn]   # the slow update's attention weights of this call, [B, H, N, K]
+
+Inside the block, the modules that compute something worth seeing add it under their own key (a module, or
+a (module, name) pair); outside one, :func:`record` costs one check and computes nothing. Weights are
+recorded beside the result, which is computed as always, so recording does not change what the core does.
+Not thread-safe: one recording at a time per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+_active: list[dict[Hashable, list[torch.Tensor]]] = []
+
+
+@contextmanager
+def recording() -> Iterator[dict[Hashable, list[torch.Tensor]]]:
+    """Collect, per key, every tensor the cores record inside the block, in call order (detached)."""
+    records: dict[Hashable, list[torch.Tensor]] = {}
+    _active.append(records)
+    try:
+        yield records
+    finally:
+        _active.pop()
+
+
+def is_recording() -> bool:
+    return bool(_active)
+
+
+def record(key: Hashable, value: Callable[[], torch.Tensor]) -> None:
+    """Add ``value()`` under ``key`` when a recording is on; ``value`` is not called otherwise."""
+    if _active:
+        _active[-1].setdefault(key, []).append(value().detach())
