@@ -13,6 +13,18 @@ from torch import nn
 from tlb_rl.cores.record import record
 
 
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` without the module call. The attention cores call their layers' functions directly: a module
+    call costs microseconds of Python (hooks, attribute lookups), as much as the arithmetic of one token, and
+    TLB's acting step makes ~30 of them (``benchmarks/cores.py``, acting). Module hooks are not run."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` without the module call (see :func:`linear`)."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[N, S, D] -> [N, H, S, D/H]"""
     N, S, D = x.shape
@@ -58,7 +70,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # [N, H, S, D/H]
-        return self.out(y.transpose(1, 2).reshape(N * S, D)).view(N, S, D)  # a 2-D linear: one kernel
+        return linear(self.out, y.transpose(1, 2).reshape(N * S, D)).view(N, S, D)  # a 2-D linear: one kernel
 
 
 class MLP(nn.Sequential):
@@ -99,17 +111,17 @@ class Block(nn.Module):
 
     def self_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-attention: projected queries [..., D] and keys/values [..., 2D] of the tokens ``x``."""
-        a = self.ln_q(x)
-        return self.attn.q(a), self.attn.kv(a)
+        a = layer_norm(self.ln_q, x)
+        return linear(self.attn.q, a), linear(self.attn.kv, a)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Cross-attention: projected queries [..., D] of the tokens ``x``."""
-        return self.attn.q(self.ln_q(x))
+        return linear(self.attn.q, layer_norm(self.ln_q, x))
 
     def context(self, context: torch.Tensor) -> torch.Tensor:
         """Cross-attention: projected keys/values [..., 2D] of the vectors attended to."""
         assert self.ln_kv is not None, "a self-attention block has no context"
-        return self.attn.kv(self.ln_kv(context))
+        return linear(self.attn.kv, layer_norm(self.ln_kv, context))
 
     def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.attn.keys_values(kv)
@@ -122,7 +134,7 @@ class Block(nn.Module):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP half of the block, residual included."""
-        return x + self.mlp(self.ln_mlp(x))
+        return x + self.mlp(layer_norm(self.ln_mlp, x))
 
     def forward(
         self,

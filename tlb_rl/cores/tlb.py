@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlb_rl.cores.base import Core, State, check_inputs, check_sizes
-from tlb_rl.cores.blocks import Block
+from tlb_rl.cores.blocks import Block, layer_norm, linear
 from tlb_rl.cores.record import record
 
 SLOW_UPDATES = ("sequential", "parallel")
@@ -193,7 +193,7 @@ class TLBCore(Core):
         C, K, N, D = plan.C, self.K, self.N, self.output_dim
         S = C * K
         # Tokens by slot [B, S, D]; the position embedding of slot s is pos[s mod K], a repeat, not a gather.
-        h = F.pad(self.proj(x), (0, 0, 0, 1)).gather(1, plan.src) + self.pos.repeat(C, 1)
+        h = F.pad(linear(self.proj, x), (0, 0, 0, 1)).gather(1, plan.src) + self.pos.repeat(C, 1)
         cache = F.pad(state["kv"], (0, 0, 0, S - K))  # [B, n_cached, S, 2D]: the chunk in progress, by slot
         keys: list[torch.Tensor] = []  # [B, S, 2D] per self-attention block
         update_kv = context = None
@@ -213,7 +213,7 @@ class TLBCore(Core):
                 y = layer.attention(layer.query(h).view(B * C, K, D), *kv, plan.cross_mask)
             h = layer.feed_forward(h + y.view(B, S, D))
         keys.append(update_kv)
-        y = self.ln_out(h.gather(1, plan.dst))
+        y = layer_norm(self.ln_out, h.gather(1, plan.dst))
         return y, {"slow": slow, **self._carried_keys(torch.stack(keys, 1), plan, state, T)}
 
     def _plan(self, state: State, starts: torch.Tensor) -> _Plan:
@@ -282,7 +282,7 @@ class TLBCore(Core):
         visible = self._visible[q, ep][:, None, None]  # [B, 1, 1, K]
         write = self._write[q]  # [B, K, 1]
         # Tokens stay [B, D] here: a linear on 2-D input is one kernel; on [B, 1, D] it adds reshapes.
-        h = self.proj(x[:, 0]) + self.pos[q]  # [B, D]
+        h = linear(self.proj, x[:, 0]) + self.pos[q]  # [B, D]
         cache = state["kv"]
         chunk_kv: list[torch.Tensor] = []
         update_kv = None
@@ -311,7 +311,7 @@ class TLBCore(Core):
             new_slow = torch.where(complete[:, None, None], new, slow)
         kv = torch.stack(chunk_kv, 1) * self._kept[q, ep][:, None, :, None]
         new_state = {"slow": new_slow, "kv": kv, "chunk_len": self._next[q], "ep_start": ep.masked_fill(complete, 0)}
-        return self.ln_out(h)[:, None], new_state
+        return layer_norm(self.ln_out, h)[:, None], new_state
 
     def _slow_stream(
         self, update_kv: torch.Tensor, plan: _Plan, slow: torch.Tensor
@@ -354,7 +354,7 @@ class TLBCore(Core):
         new = upd.feed_forward(slow + upd.attention(upd.query(slow), key, value, mask))
         if self.gate is None:
             return new
-        opening = torch.sigmoid(self.gate(torch.cat([slow, new], -1)))
+        opening = torch.sigmoid(linear(self.gate, torch.cat([slow, new], -1)))
         record((self, "opening"), lambda: opening.mean(-1))  # [B, N]: the share of each slow vector replaced
         return torch.lerp(slow, new, opening)
 
@@ -366,7 +366,7 @@ class TLBCore(Core):
         upd = self.update
         query = upd.query(self.slow_query).expand(key.shape[0], -1, -1)
         u = upd.feed_forward(self.slow_query + upd.attention(query, key, value, mask))
-        keep, write = self.gate(u).split(1, -1)
+        keep, write = linear(self.gate, u).split(1, -1)
         log_keep = F.logsigmoid(keep + self.gate_bias)
         record((self, "opening"), lambda: 1 - log_keep.exp()[..., 0])  # [M, N]: the share of each slow vector let go
         return log_keep, torch.sigmoid(write) * u
