@@ -58,10 +58,15 @@ class Episode:
 
 
 def _label(info: dict[str, Any], key: str | None) -> Any:
-    if key is None:
+    """``info[key]`` as a plain number, bool or string (None where the info lacks it)."""
+    if key is None or key not in info:
         return None
-    value = info.get(key)
-    return value.item() if isinstance(value, np.ndarray) and value.size == 1 else value
+    value = info[key]
+    if isinstance(value, np.ndarray | np.generic) and np.size(value) == 1:
+        value = np.asarray(value).item()
+    if not isinstance(value, int | float | bool | str):
+        raise UserError(f"info[{key!r}] is {type(value).__name__}: the probe reads a number, bool or string per step")
+    return value
 
 
 @torch.inference_mode()
@@ -165,7 +170,7 @@ def _episode(seed: int, steps: list[dict[str, Any]], success: bool, tlb: bool) -
 
 def _targets(labels: list[Any]) -> np.ndarray:
     """Labels as regression targets [n, k]: one column per class for a few discrete values, else the value."""
-    values = sorted(set(labels), key=repr)
+    values = list(dict.fromkeys(labels))  # the classes, as the set of labels counts them
     if len(values) <= 10:
         return np.array([[label == v for v in values] for label in labels], dtype=np.float64)
     return np.asarray(labels, dtype=np.float64)[:, None]
@@ -204,10 +209,11 @@ def linear_probe(episodes: list[Episode], penalty: float = PROBE_PENALTY, min_ep
 
     def score(rows: list[tuple[np.ndarray, Any]]) -> float | None:
         rows = [(m, label) for m, label in rows if label is not None]
-        if len(rows) < min_episodes or len({repr(label) for _, label in rows}) < 2:
+        if len(rows) < min_episodes or len({label for _, label in rows}) < 2:
             return None
         x = np.stack([m for m, _ in rows]) / scale
-        return _ridge_r2(x.astype(np.float64), _targets([label for _, label in rows]), penalty)
+        r2 = _ridge_r2(x.astype(np.float64), _targets([label for _, label in rows]), penalty)
+        return r2 if np.isfinite(r2) else None
 
     longest = max(len(e.labels) for e in labelled)
     curve = [(t, score([(e.memory[t], e.labels[t]) for e in labelled if t < len(e.labels)])) for t in range(longest)]

@@ -120,8 +120,8 @@ def pca_figure(episodes: list[Episode], path: Path) -> Path:
 
 
 def episode_gif(episode: Episode, path: Path) -> Path:
-    """The episode's frames, each with the memory after that step drawn beside it: one cell per number, its
-    colour the number's place between its lowest and highest value in the episode (so what changes shows)."""
+    """The episode's frames, each with the memory after the policy read it drawn beside it: one cell per number,
+    its colour the number's place between its lowest and highest value in the episode (so what changes shows)."""
     import imageio.v2 as imageio
 
     plt = _pyplot()
@@ -132,13 +132,14 @@ def episode_gif(episode: Episode, path: Path) -> Path:
     grid = np.zeros((len(memory), width * width))
     grid[:, : memory.shape[1]] = scaled
     shown = []
-    for frame, values in zip(episode.frames[1:], grid, strict=False):  # frames[0]: before the first step
+    for frame, values in zip(episode.frames, grid, strict=False):  # the last frame (after the end) has no memory
         cells = plt.cm.viridis(values.reshape(width, width))
         cells = (cells * 255).astype(np.uint8)[..., :3]
         scale = max(1, frame.shape[0] // width)
         panel = np.kron(cells, np.ones((scale, scale, 1), dtype=np.uint8))
-        canvas = np.zeros((frame.shape[0], frame.shape[1] + panel.shape[1] + 8, 3), dtype=np.uint8)
-        canvas[:, : frame.shape[1]] = frame[..., :3]
+        height = max(frame.shape[0], panel.shape[0])  # a memory of more numbers than the frame has rows
+        canvas = np.zeros((height, frame.shape[1] + panel.shape[1] + 8, 3), dtype=np.uint8)
+        canvas[: frame.shape[0], : frame.shape[1]] = frame[..., :3]
         canvas[: panel.shape[0], frame.shape[1] + 8 :] = panel
         shown.append(canvas)
     imageio.mimsave(str(path), shown, duration=0.2, loop=0)

@@ -183,6 +183,20 @@ def _report(args: argparse.Namespace) -> None:
     report(args.study_dir)
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -224,10 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", help="a key of the env's info to probe the memory for, e.g. cue on the T-maze")
     p.add_argument(
         "--probe-penalty",
-        type=float,
+        type=_positive_float,
         help="the probe's ridge penalty, in units of the memory's total variance (default 1; agents/inspect.py)",
     )
-    p.add_argument("--figures", type=int, default=4, help="episodes drawn one PNG each (default 4)")
+    p.add_argument("--figures", type=_count, default=4, help="episodes drawn one PNG each (default 4)")
     p.add_argument("--gif", action="store_true", help="a GIF of the first episode, its memory beside the frame")
     p.add_argument("--out", help="directory for the figures (default RUN_DIR/inspect or ./inspect-NAME)")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which (default best)")

@@ -646,6 +646,16 @@ def test_tlb_rows_at_different_clocks_equal_stepping(config):
     assert_states_close(s, s_all)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_tlb_state_takes_the_models_dtype(dtype):
+    core = build("tlb-K4").to(dtype)
+    state = core.initial_state(2)
+    assert all(v.dtype == dtype for v in state.values() if v.is_floating_point())
+    x = torch.randn(2, 6, IN, dtype=dtype)
+    y, state = core(x, state, torch.zeros(2, 6, dtype=torch.bool))
+    assert y.dtype == dtype and state["kv"].dtype == dtype
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-parallel", "tlb-K3-parallel", "lstm", "gru"])
 def test_cuda_matches_cpu_and_stepping(config):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agents import PPO
-from agents.inspect import _ridge_r2, linear_probe, principal_components
+from agents.inspect import Episode, _label, _ridge_r2, linear_probe, principal_components
 from commands.cli import main
 from tlb_rl.cores import make_core
 from tlb_rl.cores.record import recording
@@ -126,3 +126,21 @@ def test_cli_inspect_with_an_unknown_probe_key_fails_clearly(tmp_path, capsys):
         main(["inspect", str(TMAZE), "--probe", "colour", "--episodes", "2", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "no 'colour'" in capsys.readouterr().err
+
+
+def test_probe_labels_must_be_scalars_and_equal_ones_are_one_class():
+    assert _label({"cue": np.int64(1)}, "cue") == 1 and _label({}, "cue") is None
+    with pytest.raises(UserError, match="number, bool or string"):
+        _label({"cue": np.zeros(3)}, "cue")
+    # 1 and 1.0 are one class: with no other, there is nothing to score (no NaN in inspect.json)
+    memory = np.random.default_rng(0).random((2, 4))
+    episodes = [Episode(i, True, memory, np.zeros(2), [1, 1] if i % 2 else [1.0, 1.0]) for i in range(10)]
+    probe = linear_probe(episodes)
+    assert probe["r2"] == [] and probe["last"] is None
+
+
+@pytest.mark.parametrize("flag", [["--probe-penalty", "0"], ["--figures", "-1"]])
+def test_cli_inspect_refuses_bad_numbers(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(TMAZE), *flag])
+    assert exit_info.value.code == 2

@@ -7,35 +7,43 @@
 Inside the block, the modules that compute something worth seeing add it under their own key (a module, or
 a (module, name) pair); outside one, :func:`record` costs one check and computes nothing. Weights are
 recorded beside the result, which is computed as always, so recording does not change what the core does.
-Not thread-safe: one recording at a time per process.
+A recording sees the cores called in its own thread.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
 
-_active: list[dict[Hashable, list[torch.Tensor]]] = []
+_local = threading.local()
+
+
+def _active() -> list[dict[Hashable, list[torch.Tensor]]]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
 
 
 @contextmanager
 def recording() -> Iterator[dict[Hashable, list[torch.Tensor]]]:
     """Collect, per key, every tensor the cores record inside the block, in call order (detached)."""
     records: dict[Hashable, list[torch.Tensor]] = {}
-    _active.append(records)
+    _active().append(records)
     try:
         yield records
     finally:
-        _active.pop()
+        _active().pop()
 
 
 def is_recording() -> bool:
-    return bool(_active)
+    return bool(_active())
 
 
 def record(key: Hashable, value: Callable[[], torch.Tensor]) -> None:
     """Add ``value()`` under ``key`` when a recording is on; ``value`` is not called otherwise."""
-    if _active:
-        _active[-1].setdefault(key, []).append(value().detach())
+    stack = _active()
+    if stack:
+        stack[-1].setdefault(key, []).append(value().detach())

@@ -174,7 +174,7 @@ class TLBCore(Core):
             "slow": self.slow_init.detach().to(device).expand(batch_size, -1, -1).clone(),  # [B, N, D]
             # keys/values of the current chunk's earlier steps of this episode (slot = position in the chunk;
             # K slots, so the acting step writes its own in place), per self-attention block and slow update
-            "kv": torch.zeros(batch_size, self.n_cached, self.K, 2 * D, device=device),
+            "kv": torch.zeros(batch_size, self.n_cached, self.K, 2 * D, device=device, dtype=self.pos.dtype),
             "chunk_len": torch.zeros(batch_size, dtype=torch.long, device=device),  # steps of the chunk seen
             # the first slot of the chunk that belongs to the current episode (0: it began before the chunk)
             "ep_start": torch.zeros(batch_size, dtype=torch.long, device=device),
