@@ -118,7 +118,8 @@ def _inspect(args: argparse.Namespace) -> None:
     from agents.inspect import PROBE_PENALTY, linear_probe
     from agents.inspect_figures import episode_figure, episode_gif, pca_figure, probe_figure
 
-    model = _load_any(_find_checkpoint(args.path, args.checkpoint))
+    checkpoint = _find_checkpoint(args.path, args.checkpoint)
+    model = _load_any(checkpoint)
     target = Path(args.path)
     out = Path(args.out) if args.out else target / "inspect" if target.is_dir() else Path(f"inspect-{target.stem}")
     env = model.make_eval_env()
@@ -130,7 +131,7 @@ def _inspect(args: argparse.Namespace) -> None:
     figures = [episode_figure(e, out / f"episode_seed{e.seed}.png") for e in episodes[: args.figures]]
     figures.append(pca_figure(episodes, out / "pca.png"))
     summary: dict[str, Any] = {
-        "checkpoint": str(_find_checkpoint(args.path, args.checkpoint)),
+        "checkpoint": str(checkpoint),
         "episodes": len(episodes),
         "success_rate": float(np.mean([e.success for e in episodes])),
         "mean_length": float(np.mean([len(e.memory) for e in episodes])),
