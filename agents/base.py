@@ -262,6 +262,13 @@ class Agent:
     def make_eval_env(self, **kwargs: Any) -> gym.Env:
         return make_env(self.env_spec, **self.config.env_kwargs, **kwargs)
 
+    def renders_frames(self) -> bool:
+        """Whether the env renders rgb_array frames (for GIFs)."""
+        env = self.make_eval_env()
+        renders = "rgb_array" in env.metadata.get("render_modes", [])
+        env.close()
+        return renders
+
     def evaluate(
         self,
         n_episodes: int | None = None,
@@ -329,10 +336,7 @@ class Agent:
         assert run_dir is not None, "finish() needs a run directory"
         best = run_dir / "checkpoints" / "best.pt"
         model = type(self).load(best, env=self.env_spec, run_dir=str(run_dir)) if best.exists() else self
-        probe = model.make_eval_env()
-        can_render = "rgb_array" in probe.metadata.get("render_modes", [])
-        probe.close()
-        result = model.evaluate(gif_path=run_dir / "episode.gif" if gif and can_render else None)
+        result = model.evaluate(gif_path=run_dir / "episode.gif" if gif and model.renders_frames() else None)
         result["checkpoint"] = str(best if best.exists() else run_dir / "checkpoints" / "latest.pt")
         result.update(frames=model.frames, updates=model.updates)
         (run_dir / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -185,7 +185,7 @@ def _ridge_r2(x: np.ndarray, y: np.ndarray, penalty: float) -> float:
         train, test = folds != k, folds == k
         mx, my = x[train].mean(0), y[train].mean(0)
         xc, yc = x[train] - mx, y[train] - my
-        # The dual form: n samples are fewer than F features here.
+        # The dual form, an n x n system: n (episodes) is usually below F (the memory's size).
         alpha = np.linalg.solve(xc @ xc.T / len(xc) + penalty * np.eye(len(xc)), yc / len(xc))
         prediction = (x[test] - mx) @ (xc.T @ alpha) + my
         sse += float(((y[test] - prediction) ** 2).sum())

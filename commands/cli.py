@@ -122,9 +122,7 @@ def _inspect(args: argparse.Namespace) -> None:
     model = _load_any(checkpoint)
     target = Path(args.path)
     out = Path(args.out) if args.out else target / "inspect" if target.is_dir() else Path(f"inspect-{target.stem}")
-    env = model.make_eval_env()
-    render = args.gif and "rgb_array" in env.metadata.get("render_modes", [])
-    env.close()
+    render = args.gif and model.renders_frames()
     deterministic = True if args.deterministic else None
     episodes = model.inspect(args.episodes, args.probe, deterministic=deterministic, render=render)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,10 +38,6 @@ def recording() -> Iterator[dict[Hashable, list[torch.Tensor]]]:
         _active().pop()
 
 
-def is_recording() -> bool:
-    return bool(_active())
-
-
 def record(key: Hashable, value: Callable[[], torch.Tensor]) -> None:
     """Add ``value()`` under ``key`` when a recording is on; ``value`` is not called otherwise."""
     stack = _active()

@@ -54,6 +54,7 @@ class _Plan(NamedTuple):
 
     C: int  # chunks the call can touch: S = C * K slots
     updates: int  # the first chunks, the only ones that can complete in the call
+    whole: int  # the first chunks, complete whatever the clock: T // K
     src: torch.Tensor  # [B, S, D] the step held by each slot (T: a zero row, for slots outside the call)
     dst: torch.Tensor  # [B, T, D] the slot of each step
     cached: torch.Tensor  # [B, S, 1] the slot lies before the call: its keys come from the state's cache
@@ -244,13 +245,14 @@ class TLBCore(Core):
         return _Plan(
             C=C,
             updates=(lead + T) // K,
+            whole=T // K,
             src=src[..., None].expand(-1, -1, D),
             dst=(clock + torch.arange(T, device=dev))[..., None].expand(-1, -1, D),
             cached=(step < 0)[..., None],
             first=first,
             self_mask=self_mask.view(B * C, 1, K, K),
             cross_mask=self._cross[fresh.long()].view(B * C, 1, K, -1),
-            update_mask=self._visible[K - 1, ends],
+            update_mask=self._visible[K - 1, ends],  # never empty: a chunk's last slot is always visible
             reset=last.view(B, C, K)[:, :, -1] >= c * K,
             complete=(c + 1) * K <= clock + T,
         )
@@ -342,8 +344,7 @@ class TLBCore(Core):
             slow = torch.where(resets[c], init, slow)
             if c < plan.updates:  # else chunk c cannot complete in this call, whatever the clock
                 update = self._sequential_update(slow, keys[c], values[c], masks[c])
-                # the first T // K chunks complete whatever the clock; later ones depend on it
-                slow = update if (c + 1) * self.K <= plan.dst.shape[1] else torch.where(completes[c], update, slow)
+                slow = update if c < plan.whole else torch.where(completes[c], update, slow)
         return torch.stack(before, 1), slow
 
     def _sequential_update(
