@@ -70,6 +70,7 @@ def _label(info: dict[str, Any], key: str | None) -> Any:
 
 
 @torch.inference_mode()
+@torch.compiler.set_stance("force_eager")  # a compiled core records nothing (tlb_rl.cores.record)
 def run_inspection(
     agent: Agent,
     n_episodes: int = 16,

@@ -279,6 +279,8 @@ class PPO(Agent):
         buffer.finish(last_values, cfg.gamma, cfg.gae_lambda)
         self._carry = Carry(obs, state, starts)
 
+    # Eager even with compile=True: the batch is the truncated rows, and each new size would compile anew.
+    @torch.compiler.set_stance("force_eager")
     def _final_values(self, info: dict[str, Any], rows: np.ndarray, state: State) -> torch.Tensor:
         """gamma-free V(final observation) for the truncated rows, 0 elsewhere: truncation is no end of task."""
         idx = np.flatnonzero(rows)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run (under 5 minutes on an H100/H200). Needs torch with CUDA, gymnasium,
-# minigrid, stable-baselines3 and sb3-contrib; writes JSON and summaries to $OUT (default gpu_results/).
+# Every GPU measurement in one run (under 5 minutes on an H100/H200, and the compiled run at the end). Needs torch
+# with CUDA, gymnasium, minigrid, stable-baselines3 and sb3-contrib; writes JSON and summaries to $OUT
+# (default gpu_results/).
 #   bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,3 +30,6 @@ for envs in 8 64; do
 done
 "$PY" benchmarks/throughput.py --device cpu --n-envs 64 --rounds 2 --frames $((64 * 128 * 4)) \
   --agents tlb,lstm,none,ppo_mlp --json-out "$OUT/throughput_cpu_64.json" | tail -12
+# Last, as it compiles for a minute or more: compile=true on the GPU (default inductor mode, no CUDA graphs).
+"$PY" benchmarks/throughput.py --device cuda --n-envs 64 --rounds 2 --frames $((64 * 128 * 4)) \
+  --agents tlb,tlb:compile=true,lstm --json-out "$OUT/throughput_cuda_64_compiled.json" | tail -14

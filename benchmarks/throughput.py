@@ -15,7 +15,9 @@ policy (SB3's peers stay on the CPU, where they are faster for these sizes); ``-
 number of envs of every agent.
 
 An agent of ours may carry core hyperparameters, so that two settings of one core race in one run:
-``--agents tlb,tlb:chunk_size=16,ppo_mlp`` (each ``key=value`` after a colon goes to ``core_kwargs``).
+``--agents tlb,tlb:chunk_size=16,ppo_mlp`` (each ``key=value`` after a colon goes to ``core_kwargs``, except
+``compile=true``, the agent's own ``compile``: ``--agents tlb,tlb:compile=true,lstm``). A compiled agent's
+warm-up update compiles its graphs, so the timed rounds do not count compiling.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def _our_trainer(
     from agents import PPO
 
     core, *options = spec.split(":")
+    core_kwargs = apply_overrides({}, options)
+    compile_core = bool(core_kwargs.pop("compile", False))
 
     def record(model: PPO, metrics: dict[str, float]) -> None:
         split["rollout_s"] = split.get("rollout_s", 0.0) + metrics["time/rollout_s"]
@@ -83,7 +87,8 @@ def _our_trainer(
     model = PPO(
         ENV_ID,
         core=core,
-        core_kwargs=apply_overrides({}, options),
+        core_kwargs=core_kwargs,
+        compile=compile_core,
         env_kwargs={"view_size": 3},
         device=device,
         seq_len=seq_len,
@@ -126,12 +131,15 @@ def main() -> None:
     # tlb -> tlb_ppo, tlb:chunk_size=16 -> tlb_ppo:chunk_size=16
     names = [a if a in PEERS else "{}_ppo{}{}".format(*a.partition(":")) for a in specs]
     splits: dict[str, dict[str, float]] = {name: {} for name in names if name not in PEERS}
-    trainers = {
-        name: _sb3_trainer(agent, settings)
-        if agent in PEERS
-        else _our_trainer(agent, args.seq_len, splits[name], settings, args.device)
-        for name, agent in zip(names, specs, strict=True)
-    }
+    trainers, warmup_s = {}, {}
+    for name, agent in zip(names, specs, strict=True):
+        t0 = time.perf_counter()
+        trainers[name] = (
+            _sb3_trainer(agent, settings)
+            if agent in PEERS
+            else _our_trainer(agent, args.seq_len, splits[name], settings, args.device)
+        )
+        warmup_s[name] = time.perf_counter() - t0  # one update, and for a compiled agent its compiling
     rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
         fps = {}
@@ -162,6 +170,7 @@ def main() -> None:
         "steps_per_s": steps_per_s,
         "ratios": ratios,
         "ms_per_update": ms_per_update,
+        "warmup_s": warmup_s,
     }
     print(json.dumps(result, indent=2))
     width = max(map(len, [*names, *ratios]))
@@ -173,6 +182,9 @@ def main() -> None:
     print(f"\nms per update of {per_update} frames (acting incl. env steps / training):")
     for name, split in ms_per_update.items():
         print(f"  {name:>{width}}: {split.get('rollout', 0):6.0f} / {split.get('update', 0):6.0f}")
+    print("\nwarm-up (one update; a compiled agent's compiling included), s:")
+    for name, value in warmup_s.items():
+        print(f"  {name:>{width}}: {value:6.1f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)

@@ -95,7 +95,9 @@ def _load_any(ckpt: Path) -> Agent:
     from tlb_rl.checkpoint import load_checkpoint
 
     cls = get_algorithm(load_checkpoint(ckpt).get("algo", "?"))
-    return cls.load(ckpt, device="auto")  # a run trained on a GPU evaluates on a machine without one
+    # device: a run trained on a GPU evaluates on a machine without one; eager: compiling would cost more than it
+    # saves over an evaluation
+    return cls.load(ckpt, device="auto", compile=False)
 
 
 def _eval(args: argparse.Namespace) -> None:

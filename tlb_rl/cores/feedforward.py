@@ -12,6 +12,7 @@ class FeedForwardCore(Core):
     """No memory: one hidden layer applied to every step on its own (the ``none`` baseline)."""
 
     has_memory = False
+    compilable = True
 
     def __init__(self, input_dim: int, hidden_size: int = 128):
         super().__init__()

@@ -39,7 +39,10 @@ def recording() -> Iterator[dict[Hashable, list[torch.Tensor]]]:
 
 
 def record(key: Hashable, value: Callable[[], torch.Tensor]) -> None:
-    """Add ``value()`` under ``key`` when a recording is on; ``value`` is not called otherwise."""
+    """Add ``value()`` under ``key`` when a recording is on; ``value`` is not called otherwise. A compiled core
+    records nothing: its graph would bake in whether a recording was on when it was traced."""
+    if torch.compiler.is_compiling():
+        return
     stack = _active()
     if stack:
         stack[-1].setdefault(key, []).append(value().detach())

@@ -99,6 +99,8 @@ class TLBCore(Core):
         ``"parallel"`` (learned queries read all chunks at once; a gated linear recurrence). See docs/cores.md.
     """
 
+    compilable = True
+
     def __init__(
         self,
         input_dim: int,

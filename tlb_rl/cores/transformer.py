@@ -27,6 +27,8 @@ class WindowTransformerCore(Core):
     :param dropout: dropout in attention and MLPs.
     """
 
+    compilable = True
+
     def __init__(
         self,
         input_dim: int,

@@ -1,0 +1,93 @@
+"""``compile=True``: a compiled core computes what the eager one does, and an agent with it trains, saves and loads.
+
+Compiling takes most of this file's time (about a minute for the TLB core), so the cores are tiny and the
+agent test uses the memoryless core, whose graph compiles in seconds: what it checks (the flag's wiring, the
+checkpoint's keys) does not depend on the core.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from agents import PPO
+from tlb_rl.cores import compile_core, make_core
+from tlb_rl.cores.record import recording
+from tlb_rl.errors import UserError
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Dynamo keeps compiled graphs per code object across tests and falls back to eager after a few recompiles:
+    # a comparison with eager would then pass without testing anything.
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+def test_compiled_tlb_computes_what_eager_does():
+    torch.manual_seed(0)
+    eager = make_core("tlb", 5, d_model=16, chunk_size=4, n_slow=2, n_heads=2)
+    compiled = copy.deepcopy(eager)
+    compile_core(compiled, "tlb")
+    B, T = 3, 10
+    x, starts = torch.randn(B, T, 5, requires_grad=True), torch.rand(B, T) < 0.2
+    # Rows at clocks 1, 3, 1: a call that starts mid-chunk, at a different place per row, is what the compiled
+    # (static) layout has to get right.
+    before, before_starts = torch.randn(B, 3, 5), torch.rand(B, 3) < 0.3
+    with torch.no_grad():
+        _, one = eager(before[:, :1], eager.initial_state(B), before_starts[:, :1])
+        _, three = eager(before, eager.initial_state(B), before_starts)
+    odd = torch.arange(B) % 2 == 1
+    state = {k: torch.where(odd.view(-1, *[1] * (v.dim() - 1)), three[k], v) for k, v in one.items()}
+    assert state["chunk_len"].tolist() == [1, 3, 1]
+
+    outputs = {}
+    for name, core in (("eager", eager), ("compiled", compiled)):
+        y, final = core(x, state, starts)
+        (y.square().sum() + final["slow"].sum()).backward()
+        outputs[name] = y.detach(), final, x.grad.clone(), [p.grad.clone() for p in core.parameters()]
+        x.grad = None
+    (y1, s1, gx1, gp1), (y2, s2, gx2, gp2) = outputs["eager"], outputs["compiled"]
+    torch.testing.assert_close(y2, y1, atol=ATOL, rtol=1e-4)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(gx2, gx1, atol=1e-4, rtol=1e-3)
+    for a, b in zip(gp2, gp1, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+    # The acting step, one call per step under inference mode, as PPO acts.
+    with torch.inference_mode():
+        s1 = s2 = state
+        for t in range(T):
+            y1, s1 = eager(x[:, t : t + 1], s1, starts[:, t : t + 1])
+            y2, s2 = compiled(x[:, t : t + 1], s2, starts[:, t : t + 1])
+            torch.testing.assert_close(y2, y1, atol=ATOL, rtol=1e-4)
+
+    # A compiled core records nothing: its graph cannot look at whether a recording is on.
+    with torch.inference_mode(), recording() as rec:
+        compiled(x[:, :1], state, starts[:, :1])
+    assert rec == {}
+
+
+def test_agent_compiles_its_core_and_saves_plain_weights(tmp_path):
+    model = PPO("tmaze", core="none", compile=True, n_envs=2, n_steps=8, batch_size=16, vectorization="sync")
+    model.learn(32, progress=False)
+    model.save(tmp_path / "m.pt")
+    # Loaded without compiling: the checkpoint holds the module's own keys, not a compiled wrapper's.
+    loaded = PPO.load(tmp_path / "m.pt", compile=False)
+    assert loaded.config.compile is False
+    env = model.make_eval_env()
+    obs = np.stack([env.reset(seed=s)[0] for s in (3, 4)])
+    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+
+
+@pytest.mark.parametrize("core", ["lstm", "brsm"])
+def test_compile_refuses_a_core_it_cannot_trace(core):
+    with pytest.raises(UserError, match=f"core '{core}' cannot be compiled.*use tlb, transformer, none"):
+        PPO("tmaze", core=core, compile=True, n_envs=2, n_steps=8, batch_size=16, vectorization="sync")
