@@ -14,7 +14,9 @@ processes falls on all cores alike; each figure is the median over ``--repeats``
 
     python benchmarks/cores.py [--repeats 7] [--threads N] [--device cuda] [--shape 16x1024] [--json-out r.json]
 
-Settings of one core race as in throughput.py: ``--cores tlb,tlb:slow_update=sequential,lstm``.
+Settings of one core race as in throughput.py: ``--cores tlb,tlb:slow_update=sequential,lstm``; ``compile=true``
+compiles a core as an agent's ``compile=true`` does (``--cores tlb,tlb:compile=true,lstm``; warm-up compiles).
+Every TLB row is set against the LSTM with as many parameters as the default TLB.
 
 A/B against another version of a core's file, timed in the same interleaved rounds (rows ``NAME@baseline``
 and the ratio current / baseline in the summary):
@@ -41,7 +43,7 @@ from collections.abc import Callable
 import torch
 
 from tlb_rl.config import apply_overrides
-from tlb_rl.cores import CORES, Core, make_core
+from tlb_rl.cores import CORES, Core, compile_core, make_core
 
 INPUT_DIM = 128
 TRAIN_B, TRAIN_T = 16, 128
@@ -110,10 +112,20 @@ def act_case(core: Core, seed: int) -> Callable[[], None]:
     return run
 
 
-def build(spec: str) -> Core:
-    """A core from ``NAME[:key=value...]`` at input width INPUT_DIM."""
+def parse(spec: str) -> tuple[str, dict, bool]:
+    """``NAME[:key=value...]`` -> the core's name, its hyperparameters, and whether ``compile=true`` is among them."""
     name, *options = spec.split(":")
-    return make_core(name, INPUT_DIM, **apply_overrides({}, options))
+    hyperparameters = apply_overrides({}, options)
+    return name, hyperparameters, bool(hyperparameters.pop("compile", False))
+
+
+def build(spec: str, device: torch.device) -> Core:
+    """A core from ``NAME[:key=value...]`` at input width INPUT_DIM on ``device``."""
+    name, hyperparameters, compiled = parse(spec)
+    core = make_core(name, INPUT_DIM, **hyperparameters).to(device)
+    if compiled:
+        compile_core(core, name)
+    return core
 
 
 def baseline_cores(path: str, current: dict[str, Core]) -> dict[str, Core]:
@@ -129,11 +141,13 @@ def baseline_cores(path: str, current: dict[str, Core]) -> dict[str, Core]:
     module_spec.loader.exec_module(module)
     found = {}
     for spec, core in current.items():
-        name, *options = spec.split(":")
+        name, hyperparameters, compiled = parse(spec)
         cls = getattr(module, type(core).__name__, None)
         if isinstance(cls, type) and issubclass(cls, Core):
             cell = {"cell": name} if name in ("lstm", "gru") else {}
-            found[f"{spec}@baseline"] = cls(INPUT_DIM, **cell, **apply_overrides({}, options))
+            found[f"{spec}@baseline"] = baseline = cls(INPUT_DIM, **cell, **hyperparameters).to(core.device)
+            if compiled:
+                compile_core(baseline, name)
     if not found:
         raise SystemExit(f"--baseline-file {path} defines none of the classes of the cores {', '.join(current)}")
     return found
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     random_starts = torch.rand(B, T, generator=gen) < START_RATE
     no_starts = torch.zeros(B, T, dtype=torch.bool)
 
-    cores = {spec: build(spec) for spec in specs}
+    cores = {spec: build(spec, device) for spec in specs}
     baselines = baseline_cores(args.baseline_file, cores) if args.baseline_file else {}
     if "tlb" in cores:
         lstm_h = lstm_hidden_matching(n_params(cores["tlb"]))
@@ -234,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
         for key in baselines
     }
     if "tlb" in cores:
-        result["tlb_vs_equal_params_lstm"] = tlb_vs_lstm(result, ms, lstm_h)
+        result["tlb_vs_equal_params_lstm"] = {
+            key: tlb_vs_lstm(result, ms, key, lstm_h) for key in cores if key.split(":")[0].startswith("tlb")
+        }
 
     text = json.dumps(result, indent=2)
     print(text)
@@ -245,17 +261,17 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def tlb_vs_lstm(result: dict, ms: dict[str, float], lstm_h: int) -> dict:
-    tlb, lstm = result["cores"]["tlb"], result["cores"]["lstm_equal_params"]
-    ratio_no = ms["tlb/train_no_starts"] / ms["lstm_equal_params/train_no_starts"]
-    ratio_st = ms["tlb/train_starts"] / ms["lstm_equal_params/train_starts"]
+def tlb_vs_lstm(result: dict, ms: dict[str, float], key: str, lstm_h: int) -> dict:
+    tlb, lstm = result["cores"][key], result["cores"]["lstm_equal_params"]
+    ratio_no = ms[f"{key}/train_no_starts"] / ms["lstm_equal_params/train_no_starts"]
+    ratio_st = ms[f"{key}/train_starts"] / ms["lstm_equal_params/train_starts"]
     return {
         "tlb_params": tlb["params"],
         "lstm_hidden_size": lstm_h,
         "lstm_params": lstm["params"],
         "fwd_bwd_ratio_no_starts": round(ratio_no, 3),
         "fwd_bwd_ratio_starts": round(ratio_st, 3),
-        "act_step_ratio": round(ms["tlb/act"] / ms["lstm_equal_params/act"], 3),
+        "act_step_ratio": round(ms[f"{key}/act"] / ms["lstm_equal_params/act"], 3),
         "target_fwd_bwd_ratio": TARGET_RATIO,
         "meets_target": bool(max(ratio_no, ratio_st) <= TARGET_RATIO),
     }
@@ -288,15 +304,15 @@ def summarize(result: dict) -> None:
         )
     if "tlb_vs_equal_params_lstm" not in result:
         return
-    cmp_ = result["tlb_vs_equal_params_lstm"]
-    verdict = "meets" if cmp_["meets_target"] else "misses"
-    print(
-        f"TLB ({cmp_['tlb_params']:,} params) / LSTM hidden {cmp_['lstm_hidden_size']} "
-        f"({cmp_['lstm_params']:,} params): fwd+bwd x{cmp_['fwd_bwd_ratio_no_starts']:.2f} without starts, "
-        f"x{cmp_['fwd_bwd_ratio_starts']:.2f} with; acting x{cmp_['act_step_ratio']:.2f}. "
-        f"Target <= x{cmp_['target_fwd_bwd_ratio']}: {verdict} it.",
-        file=out,
-    )
+    for key, cmp_ in result["tlb_vs_equal_params_lstm"].items():
+        verdict = "meets" if cmp_["meets_target"] else "misses"
+        print(
+            f"{key} ({cmp_['tlb_params']:,} params) / LSTM hidden {cmp_['lstm_hidden_size']} "
+            f"({cmp_['lstm_params']:,} params): fwd+bwd x{cmp_['fwd_bwd_ratio_no_starts']:.2f} without starts, "
+            f"x{cmp_['fwd_bwd_ratio_starts']:.2f} with; acting x{cmp_['act_step_ratio']:.2f}. "
+            f"Target <= x{cmp_['target_fwd_bwd_ratio']}: {verdict} it.",
+            file=out,
+        )
 
 
 if __name__ == "__main__":
