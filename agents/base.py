@@ -80,9 +80,9 @@ class AgentConfig:
     init_from: str | None = None
     """A PPO or BC checkpoint whose policy weights training starts from (same core, spaces and encoder)."""
     compile: bool = False
-    """Compile the core with ``torch.compile(fullgraph=True)`` (tlb, transformer, none). Each new input shape and
-    mode (acting, training, evaluation) compiles once, about a minute for TLB on a CPU the first time (inductor
-    caches it on disk); TLB-PPO then trains ~1.15x faster on a CPU (docs/benchmarks.md). For long runs."""
+    """Compile the core with ``torch.compile`` (tlb, transformer, none). Each input shape and grad mode compiles on
+    its first call: ~80 s in all for TLB-PPO on a CPU the first time (inductor caches kernels on disk); TLB-PPO
+    then trained 1.2x faster on a CPU (docs/benchmarks.md). For runs longer than a few minutes."""
 
     def check_ranges(self, agent: str, at_least: dict[str, int], positive: tuple[str, ...] = ()) -> None:
         """Raise a :class:`UserError` naming the first key below its bound (None values are not checked).
@@ -342,7 +342,7 @@ class Agent:
         run_dir = self.run_dir
         assert run_dir is not None, "finish() needs a run directory"
         best = run_dir / "checkpoints" / "best.pt"
-        # Eager: compiling the loaded copy anew would cost more than it saves over one evaluation.
+        # Eager: one evaluation, at a batch size training may not have compiled, gains less than compiling costs.
         model = type(self).load(best, env=self.env_spec, run_dir=str(run_dir), compile=False) if best.exists() else self
         result = model.evaluate(gif_path=run_dir / "episode.gif" if gif and model.renders_frames() else None)
         result["checkpoint"] = str(best if best.exists() else run_dir / "checkpoints" / "latest.pt")

@@ -103,7 +103,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """:func:`run_episodes` with a sequence policy, its memory carried across steps and reset at episode starts."""
     device = policy.critic.weight.device
-    state = policy.initial_state(min(n_parallel, n_episodes), device)
+    with torch.inference_mode():  # as every later state is: a compiled core then traces acting once
+        state = policy.initial_state(min(n_parallel, n_episodes), device)
 
     def act(obs: list[Any], starts: np.ndarray) -> np.ndarray:
         nonlocal state

@@ -253,11 +253,9 @@ class PPO(Agent):
         if self._carry is None:
             # A resumed run restarts its episodes on fresh seeds, all below the evaluation seeds.
             obs, _ = envs.reset(seed=(cfg.seed + 7919 * self.updates) % (VALIDATION_SEED_BASE - cfg.n_envs))
-            self._carry = Carry(
-                obs,
-                self.policy.initial_state(cfg.n_envs, dev),
-                torch.ones(cfg.n_envs, dtype=torch.bool, device=dev),
-            )
+            with torch.inference_mode():  # as every later acting state is: a compiled core then traces acting once
+                state = self.policy.initial_state(cfg.n_envs, dev)
+            self._carry = Carry(obs, state, torch.ones(cfg.n_envs, dtype=torch.bool, device=dev))
         obs, state, starts = self._carry
         self.policy.eval()
         for t in range(cfg.n_steps):
@@ -279,7 +277,7 @@ class PPO(Agent):
         buffer.finish(last_values, cfg.gamma, cfg.gae_lambda)
         self._carry = Carry(obs, state, starts)
 
-    # Eager even with compile=True: the batch is the truncated rows, and each new size would compile anew.
+    # Eager even with compile=True: the batch is the truncated rows, and each new size would be another graph.
     @torch.compiler.set_stance("force_eager")
     def _final_values(self, info: dict[str, Any], rows: np.ndarray, state: State) -> torch.Tensor:
         """gamma-free V(final observation) for the truncated rows, 0 elsewhere: truncation is no end of task."""

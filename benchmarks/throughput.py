@@ -76,7 +76,7 @@ def _our_trainer(
 
     core, *options = spec.split(":")
     core_kwargs = apply_overrides({}, options)
-    compile_core = bool(core_kwargs.pop("compile", False))
+    compiled = bool(core_kwargs.pop("compile", False))
 
     def record(model: PPO, metrics: dict[str, float]) -> None:
         split["rollout_s"] = split.get("rollout_s", 0.0) + metrics["time/rollout_s"]
@@ -88,7 +88,7 @@ def _our_trainer(
         ENV_ID,
         core=core,
         core_kwargs=core_kwargs,
-        compile=compile_core,
+        compile=compiled,
         env_kwargs={"view_size": 3},
         device=device,
         seq_len=seq_len,
@@ -131,7 +131,8 @@ def main() -> None:
     # tlb -> tlb_ppo, tlb:chunk_size=16 -> tlb_ppo:chunk_size=16
     names = [a if a in PEERS else "{}_ppo{}{}".format(*a.partition(":")) for a in specs]
     splits: dict[str, dict[str, float]] = {name: {} for name in names if name not in PEERS}
-    trainers, warmup_s = {}, {}
+    trainers: dict[str, Callable[[int], None]] = {}
+    warmup_s: dict[str, float] = {}
     for name, agent in zip(names, specs, strict=True):
         t0 = time.perf_counter()
         trainers[name] = (

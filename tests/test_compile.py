@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from agents import PPO
-from tlb_rl.cores import compile_core, make_core
+from tlb_rl.cores import CORES, compile_core, make_core
 from tlb_rl.cores.record import recording
 from tlb_rl.errors import UserError
 
@@ -23,8 +23,8 @@ ATOL = 1e-5
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    # Dynamo keeps compiled graphs per code object across tests and falls back to eager after a few recompiles:
-    # a comparison with eager would then pass without testing anything.
+    # Dynamo keeps compiled graphs per function across tests and runs new shapes eagerly past its limit of graphs
+    # per function: a comparison with eager would then pass without testing anything.
     torch.compiler.reset()
     yield
     torch.compiler.reset()
@@ -75,13 +75,38 @@ def test_compiled_tlb_computes_what_eager_does():
     assert rec == {}
 
 
+@pytest.mark.parametrize(
+    "name, hyperparameters",
+    [
+        ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2)),
+        ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2, slow_update="parallel")),
+        ("tlb", dict(d_model=16, chunk_size=3, n_slow=2, n_layers=3, cross_every=1, n_heads=2, gated=False)),
+        ("transformer", dict(d_model=16, window=4, n_heads=2)),
+        ("none", dict(hidden_size=16)),
+    ],
+)
+def test_compilable_cores_trace_whole(name, hyperparameters):
+    # compile_core does not ask for fullgraph (see there), so a graph break would only cost speed: caught here.
+    # Dynamo's "eager" backend traces as inductor would, without compiling kernels.
+    assert CORES[name].compilable
+    core = torch.compile(make_core(name, 5, **hyperparameters), fullgraph=True, dynamic=False, backend="eager")
+    x, starts = torch.randn(2, 9, 5), torch.rand(2, 9) < 0.2
+    y, state = core(x, core.initial_state(2), starts)
+    y.sum().backward()
+    with torch.inference_mode():
+        for t in range(3):
+            _, state = core(x[:, t : t + 1], state, starts[:, t : t + 1])
+
+
 def test_agent_compiles_its_core_and_saves_plain_weights(tmp_path):
     model = PPO("tmaze", core="none", compile=True, n_envs=2, n_steps=8, batch_size=16, vectorization="sync")
+    assert model.policy.core._compiled_call_impl is not None  # what nn.Module.compile sets
     model.learn(32, progress=False)
     model.save(tmp_path / "m.pt")
+    assert PPO.load(tmp_path / "m.pt").policy.core._compiled_call_impl is not None  # the saved config compiles
     # Loaded without compiling: the checkpoint holds the module's own keys, not a compiled wrapper's.
     loaded = PPO.load(tmp_path / "m.pt", compile=False)
-    assert loaded.config.compile is False
+    assert loaded.config.compile is False and loaded.policy.core._compiled_call_impl is None
     env = model.make_eval_env()
     obs = np.stack([env.reset(seed=s)[0] for s in (3, 4)])
     np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
@@ -89,5 +114,7 @@ def test_agent_compiles_its_core_and_saves_plain_weights(tmp_path):
 
 @pytest.mark.parametrize("core", ["lstm", "brsm"])
 def test_compile_refuses_a_core_it_cannot_trace(core):
-    with pytest.raises(UserError, match=f"core '{core}' cannot be compiled.*use tlb, transformer, none"):
+    with pytest.raises(
+        UserError, match=rf"core '{core}' cannot be compiled: drop compile=true.*\(tlb, transformer, none\)"
+    ):
         PPO("tmaze", core=core, compile=True, n_envs=2, n_steps=8, batch_size=16, vectorization="sync")
