@@ -15,6 +15,7 @@ import torch
 
 from agents import PPO
 from tlb_rl.cores import CORES, compile_core, make_core
+from tlb_rl.cores import tlb as tlb_module
 from tlb_rl.cores.record import recording
 from tlb_rl.errors import UserError
 
@@ -30,22 +31,23 @@ def fresh_dynamo():
     torch.compiler.reset()
 
 
-def test_compiled_tlb_computes_what_eager_does():
+@pytest.mark.parametrize("mid_chunk", [True, False], ids=["clocks-1-3-1", "clocks-0"])
+def test_compiled_tlb_computes_what_eager_does(mid_chunk):
     torch.manual_seed(0)
     eager = make_core("tlb", 5, d_model=16, chunk_size=4, n_slow=2, n_heads=2)
     compiled = copy.deepcopy(eager)
     compile_core(compiled, "tlb")
-    B, T = 3, 10
+    B, T = 3, 10 if mid_chunk else 8
     x, starts = torch.randn(B, T, 5, requires_grad=True), torch.rand(B, T) < 0.2
-    # Rows at clocks 1, 3, 1: a call that starts mid-chunk, at a different place per row, is what the compiled
-    # (static) layout has to get right.
-    before, before_starts = torch.randn(B, 3, 5), torch.rand(B, 3) < 0.3
-    with torch.no_grad():
-        _, one = eager(before[:, :1], eager.initial_state(B), before_starts[:, :1])
-        _, three = eager(before, eager.initial_state(B), before_starts)
-    odd = torch.arange(B) % 2 == 1
-    state = {k: torch.where(odd.view(-1, *[1] * (v.dim() - 1)), three[k], v) for k, v in one.items()}
-    assert state["chunk_len"].tolist() == [1, 3, 1]
+    state = eager.initial_state(B)  # clock 0: the layout without a chunk of padding
+    if mid_chunk:  # rows at clocks 1, 3, 1: a chunk of padding, and each row's steps in another place
+        before, before_starts = torch.randn(B, 3, 5), torch.rand(B, 3) < 0.3
+        with torch.no_grad():
+            _, one = eager(before[:, :1], state, before_starts[:, :1])
+            _, three = eager(before, state, before_starts)
+        odd = torch.arange(B) % 2 == 1
+        state = {k: torch.where(odd.view(-1, *[1] * (v.dim() - 1)), three[k], v) for k, v in one.items()}
+        assert state["chunk_len"].tolist() == [1, 3, 1]
 
     outputs = {}
     for name, core in (("eager", eager), ("compiled", compiled)):
@@ -85,10 +87,12 @@ def test_compiled_tlb_computes_what_eager_does():
         ("none", dict(hidden_size=16)),
     ],
 )
-def test_compilable_cores_trace_whole(name, hyperparameters):
+def test_compilable_cores_trace_whole(name, hyperparameters, monkeypatch):
     # compile_core does not ask for fullgraph (see there), so a graph break would only cost speed: caught here.
-    # Dynamo's "eager" backend traces as inductor would, without compiling kernels.
+    # Dynamo's "eager" backend traces as inductor would, without compiling kernels. TLB is traced on the path a
+    # GPU takes (no host read); on a CPU it reads its clock once, on purpose (next test).
     assert CORES[name].compilable
+    monkeypatch.setattr(tlb_module, "_static", lambda t: True)
     core = torch.compile(make_core(name, 5, **hyperparameters), fullgraph=True, dynamic=False, backend="eager")
     x, starts = torch.randn(2, 9, 5), torch.rand(2, 9) < 0.2
     y, state = core(x, core.initial_state(2), starts)
@@ -96,6 +100,16 @@ def test_compilable_cores_trace_whole(name, hyperparameters):
     with torch.inference_mode():
         for t in range(3):
             _, state = core(x[:, t : t + 1], state, starts[:, t : t + 1])
+
+
+def test_compiled_tlb_on_a_cpu_breaks_once_to_read_its_clock():
+    """One graph break in a sequence call (the clock read that spares a chunk of padding), none in a step."""
+    core = make_core("tlb", 5, d_model=16, chunk_size=4, n_slow=2, n_heads=2)
+    x, starts = torch.randn(2, 8, 5), torch.rand(2, 8) < 0.2
+    explain = torch._dynamo.explain(core)
+    assert explain(x, core.initial_state(2), starts).graph_break_count == 1
+    with torch.inference_mode():
+        assert explain(x[:, :1], core.initial_state(2), starts[:, :1]).graph_break_count == 0
 
 
 def test_agent_compiles_its_core_and_saves_plain_weights(tmp_path):

@@ -8,11 +8,11 @@ Chunks follow each env's step clock: step t of a row is position ``t mod K`` of 
 episodes do. An episode start resets the slow vectors to a learned value and masks what came before it:
 the fast attention of later steps, and the slow update of the chunk. So every env completes a chunk on the
 same steps, and a call's tokens lie in whole chunks (laid out by slot, see :class:`_Plan`), so every
-attention is chunk-local. On a GPU and under ``torch.compile`` nothing in the computation depends on the
-data's values: no host syncs, shapes fixed by T (``torch.compile(fullgraph=True)`` works; the same property
-is what CUDA-graph capture needs, benchmarks/cuda_graph.py). On a CPU, where a host read costs nothing, two
-reads skip work: the chunk of padding a call starting a chunk does not need, and the slow update on the
-acting steps where no env completes a chunk.
+attention is chunk-local. On a GPU nothing in the computation depends on the data's values: no host syncs,
+shapes fixed by T (``torch.compile(fullgraph=True)`` works; the same property is what CUDA-graph capture
+needs, benchmarks/cuda_graph.py). On a CPU, where a host read costs nothing, two reads skip work: the chunk
+of padding a call starting a chunk does not need (compiled too, at the price of a graph break), and the slow
+update on the acting steps where no env completes a chunk (eager only).
 
 Two slow updates:
 
@@ -67,9 +67,9 @@ class _Plan(NamedTuple):
 
 
 def _static(t: torch.Tensor) -> bool:
-    """Whether shapes and branches must not depend on data values: on a GPU (a host read waits for the device
-    and breaks graph capture) and under ``torch.compile``. Elsewhere (a CPU, eager) a host read is free."""
-    return t.is_cuda or torch.compiler.is_compiling()
+    """Whether shapes and branches must not depend on data values: on a GPU, where a host read waits for the
+    device and breaks graph capture. On a CPU a host read is free; under ``torch.compile`` it is a graph break."""
+    return t.is_cuda
 
 
 def _additive(mask: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,19 @@ class TLBCore(Core):
         B, T, _ = x.shape
         if T == 1:
             return self._step(x, state, episode_starts[:, 0].bool())
-        plan = self._plan(state, episode_starts.bool())
+        # The latest clock the layout allows for. K - 1 makes the shapes depend on T alone, as a GPU's graph capture
+        # needs. On a CPU a host read is free, and a call whose rows all begin a chunk (PPO's rollouts of a multiple
+        # of K steps) then lays out no chunk of padding: T = 128, K = 16 is 8 chunks instead of 9. Compiled on a
+        # CPU, the read is a graph break (here, not in a function it calls, so one) and the answer a constant of the
+        # graph after it, so it is only 0 or K - 1: two graphs per shape at most.
+        clock = state["chunk_len"]
+        if _static(clock):
+            lead = self.K - 1
+        elif torch.compiler.is_compiling():
+            lead = self.K - 1 if bool(clock.any()) else 0
+        else:
+            lead = int(clock.max())
+        plan = self._plan(state, episode_starts.bool(), lead)
         C, K, N, D = plan.C, self.K, self.N, self.output_dim
         S = C * K
         # Tokens by slot [B, S, D]; the position embedding of slot s is pos[s mod K], a repeat, not a gather.
@@ -219,15 +231,12 @@ class TLBCore(Core):
         y = layer_norm(self.ln_out, h.gather(1, plan.dst))
         return y, {"slow": slow, **self._carried_keys(torch.stack(keys, 1), plan, state, T)}
 
-    def _plan(self, state: State, starts: torch.Tensor) -> _Plan:
-        """Where a call's steps sit by slot, and what may attend to what (see :class:`_Plan`)."""
+    def _plan(self, state: State, starts: torch.Tensor, lead: int) -> _Plan:
+        """Where a call's steps sit by slot, and what may attend to what (see :class:`_Plan`), for a call whose
+        rows' clocks are at most ``lead``."""
         B, T = starts.shape
         K, D, dev = self.K, self.output_dim, starts.device
         clock = state["chunk_len"][:, None]  # [B, 1]
-        # The latest clock the layout allows for. K - 1 makes the shapes depend on T alone (graph capture, compile);
-        # on a CPU a host read is free, and a call whose rows all begin a chunk (PPO's rollouts of a multiple of K
-        # steps) then lays out no chunk of padding: T = 128, K = 16 is 8 chunks instead of 9.
-        lead = K - 1 if _static(starts) else int(clock.max())
         C = (lead + T - 1) // K + 1  # the chunks of slots 0 .. lead + T - 1
         s = torch.arange(C * K, device=dev)
         step = s - clock  # [B, S] the call's step at each slot
@@ -304,8 +313,9 @@ class TLBCore(Core):
         chunk_kv.append(update_kv)
         complete = q == K - 1
         new_slow = slow
-        # Skipping the update on the K-1 of K steps where no row completes a chunk saves most of its cost.
-        if _static(complete) or bool(complete.any()):
+        # Skipping the update on the K-1 of K steps where no row completes a chunk saves most of its cost; compiled,
+        # the read would be a graph break, which costs more than the update.
+        if _static(complete) or torch.compiler.is_compiling() or bool(complete.any()):
             key, value = self.update.keys_values(update_kv)
             if self.parallel:
                 log_keep, written = self._parallel_update(key, value, visible)
