@@ -67,9 +67,14 @@ class Attention(nn.Module):
         N, S, D = query.shape
         query = split_heads(query, self.n_heads)
         record(self, lambda: attention_weights(query, key, mask))
-        y = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # [N, H, S, D/H]
+        dropout = self.dropout if self.training else 0.0
+        if torch.compiler.is_compiling() and not query.is_cuda and not dropout:
+            # Compiled on a CPU, written out: inductor fuses scale, mask and softmax between two batched matmuls
+            # (or matches the pattern back to SDPA where it fits), while SDPA's CPU kernel pays per (batch, head)
+            # block, and TLB's blocks are 16 x 16 (measured: docs/benchmarks.md). Eager, SDPA is the faster.
+            y = attention_weights(query, key, mask) @ value
+        else:
+            y = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)  # [N, H, S, D/H]
         return linear(self.out, y.transpose(1, 2).reshape(N * S, D)).view(N, S, D)  # a 2-D linear: one kernel
 
 
