@@ -73,10 +73,10 @@ def compile_core(core: Core, name: str) -> None:
         raise UserError(f"core '{name}' cannot be compiled: drop compile=true, or use a core that compiles ({can})")
     # Static shapes: every shape is compiled for itself, which is what lets TLB's layout depend on T alone;
     # dynamic shapes would trace the chunk loop symbolically. Not fullgraph (tests/test_compile.py checks that
-    # the compilable cores trace whole): past Dynamo's limit of graphs per function (8; a notebook calling
-    # predict at many batch sizes) fullgraph raises, where the default runs the new shapes eagerly. On a CPU a
-    # C++ wrapper calls the kernels instead of Python: the default TLB's acting step 0.60 ms instead of 0.78
-    # (eager 0.92).
+    # the compilable cores trace whole, TLB on a GPU's path; on a CPU it breaks once, on purpose): past Dynamo's
+    # limit of graphs per function (8; a notebook calling predict at many batch sizes) fullgraph raises, where
+    # the default runs the new shapes eagerly. On a CPU a C++ wrapper calls the kernels instead of Python: the
+    # default TLB's acting step 0.60 ms instead of 0.78 (eager 0.92).
     options = {"cpp_wrapper": True} if core.device.type == "cpu" else None
     core.compile(dynamic=False, options=options)
 

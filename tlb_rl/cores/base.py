@@ -30,8 +30,9 @@ class Core(nn.Module):
     output_dim: int
     #: True when the core's output at step t depends on steps before t.
     has_memory: bool = True
-    #: True when ``torch.compile(fullgraph=True)`` can trace the core: no data-dependent branches, no module
-    #: Dynamo cannot trace (``nn.LSTM``); what an agent's ``compile=True`` needs.
+    #: True when ``torch.compile(fullgraph=True)`` can trace the core (on a GPU's path; a deliberate graph break
+    #: elsewhere is allowed): no data-dependent branches, no module Dynamo cannot trace (``nn.LSTM``); what an
+    #: agent's ``compile=True`` needs.
     compilable: bool = False
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
