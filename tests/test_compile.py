@@ -1,6 +1,6 @@
 """``compile=True``: a compiled core computes what the eager one does, and an agent with it trains, saves and loads.
 
-Compiling takes most of this file's ~40 s (the TLB core most of it), so the cores are tiny and the
+Compiling takes most of this file's ~55 s (the TLB core most of it), so the cores are tiny and the
 agent test uses the memoryless core, whose graph compiles in seconds: what it checks (the flag's wiring, the
 checkpoint's keys) does not depend on the core.
 """
