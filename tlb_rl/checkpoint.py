@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -49,12 +51,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        # torch warns on stderr about pickles it did not write; the error below says all there is to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise UserError(f"refusing to load {path}: it holds objects other than plain data ({first[:200]})") from None
+        raise UserError(f"refusing to load {path}: it holds objects other than plain data ({_why(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} is corrupt or not a tlb-rl checkpoint ({type(e).__name__})") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} is not a tlb-rl checkpoint (format version {FORMAT_VERSION} expected)")
     return data
+
+
+def _why(error: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, without torch's advice to load the file unsafely."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please |\n|$)", str(error), re.S)
+    return (found.group(1).strip() if found else "unsupported content")[:200]
