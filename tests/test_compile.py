@@ -83,6 +83,7 @@ def test_compiled_tlb_computes_what_eager_does(mid_chunk):
         ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2)),
         ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2, slow_update="parallel")),
         ("tlb", dict(d_model=16, chunk_size=3, n_slow=2, n_layers=3, cross_every=1, n_heads=2, gated=False)),
+        ("tlb", dict(d_model=16, chunk_size=5, n_slow=2, n_layers=3, cross_every=2, n_heads=2, slow_reads="output")),
         ("transformer", dict(d_model=16, window=4, n_heads=2)),
         ("none", dict(hidden_size=16)),
     ],

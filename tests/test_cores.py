@@ -22,7 +22,8 @@ ATOL = 1e-5
 
 # Small configurations; every registered core appears at least once (checked below). The TLB ones cover
 # K = 1 (every step completes a chunk), uneven K, several cross-attention stages, the residual (ungated, the
-# paper's) slow update besides the gated one, and the parallel slow update.
+# paper's) slow update besides the gated one, the parallel slow update, and the slow update reading the fast
+# stream's output (the paper's; with a self-attention layer after the first cross-attention in L3R2).
 CONFIGS: dict[str, tuple[str, dict]] = {
     "tlb-K1": ("tlb", dict(d_model=16, chunk_size=1, n_slow=2, n_heads=2)),
     "tlb-K1-parallel": ("tlb", dict(d_model=16, chunk_size=1, n_slow=2, n_heads=2, slow_update="parallel")),
@@ -35,6 +36,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         dict(d_model=16, chunk_size=4, n_slow=2, n_layers=3, cross_every=1, gated=True, n_heads=2),
     ),
     "tlb-K5-L3R2": ("tlb", dict(d_model=16, chunk_size=5, n_slow=2, n_layers=3, cross_every=2, n_heads=2)),
+    "tlb-K4-reads-output": ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2, slow_reads="output")),
+    "tlb-K5-L3R2-reads-output": (
+        "tlb",
+        dict(d_model=16, chunk_size=5, n_slow=2, n_layers=3, cross_every=2, n_heads=2, slow_reads="output"),
+    ),
     "lstm": ("lstm", dict(hidden_size=16)),
     "lstm-2layers": ("lstm", dict(hidden_size=16, num_layers=2)),
     "gru": ("gru", dict(hidden_size=16)),
@@ -586,7 +592,7 @@ def static_path(monkeypatch):
     monkeypatch.setattr(tlb_module, "_static", lambda t: True)
 
 
-@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-parallel", "tlb-K3-parallel"])
+@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K4-parallel", "tlb-K3-parallel", "tlb-K5-L3R2-reads-output"])
 def test_tlb_training_pass_runs_the_same_ops_whatever_the_episode_starts(config, static_path):
     """On its static path: no host sync (``.item()``, ``bool(tensor)``) and no data-dependent branch in forward or
     backward: the op sequence is fixed by the shapes (what CUDA-graph capture needs), and its cost does not grow

@@ -22,14 +22,19 @@ Two slow updates:
   result in, ``s_c = f_c * s_{c-1} + i_c * u_c``: a linear recurrence, computed for all chunks as one
   [C, C] matrix product. Cheaper to train; how each learns: docs/benchmarks.md.
 
-The slow update reads the chunk's tokens as the first R layers leave them, before they meet the slow
-state (the paper's reads the last fast layer, which would put every later fast layer inside the
-recurrence), so every token-wise layer runs once, batched over all T steps.
+What the slow update reads of a chunk:
+
+- ``slow_reads="before_cross"`` (default): the chunk's tokens as the first R layers leave them, before they
+  meet the slow state, so every token-wise layer runs once, batched over all T steps.
+- ``slow_reads="output"`` (the paper's): the fast stream's output for the chunk. The tokens of chunk c then
+  depend on the slow vectors chunk c - 1 left, so every fast layer from the first cross-attention on runs
+  inside the loop over chunks, one chunk at a time (sequential update only).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -41,6 +46,7 @@ from tlb_rl.cores.blocks import Block, layer_norm, linear
 from tlb_rl.cores.record import record
 
 SLOW_UPDATES = ("sequential", "parallel")
+SLOW_READS = ("before_cross", "output")
 
 
 class _Plan(NamedTuple):
@@ -97,6 +103,8 @@ class TLBCore(Core):
         (default) instead of adding it residually as the paper does (measured: docs/results.md).
     :param slow_update: ``"sequential"`` (the paper's: the slow vectors query each chunk in turn) or
         ``"parallel"`` (learned queries read all chunks at once; a gated linear recurrence). See docs/cores.md.
+    :param slow_reads: what the slow update reads of a chunk: its tokens before the first cross-attention
+        (``"before_cross"``, default) or the fast stream's output (``"output"``, the paper's; sequential only).
     """
 
     compilable = True
@@ -114,6 +122,7 @@ class TLBCore(Core):
         dropout: float = 0.0,
         gated: bool = True,
         slow_update: str = "sequential",
+        slow_reads: str = "before_cross",
     ):
         super().__init__()
         check_sizes(
@@ -128,9 +137,16 @@ class TLBCore(Core):
             raise ValueError(f"cross_every must be in [1, n_layers={n_layers}], got {cross_every}")
         if slow_update not in SLOW_UPDATES:
             raise ValueError(f"slow_update must be one of {', '.join(SLOW_UPDATES)}, got {slow_update!r}")
+        if slow_reads not in SLOW_READS:
+            raise ValueError(f"slow_reads must be one of {', '.join(SLOW_READS)}, got {slow_reads!r}")
+        if slow_reads == "output" and slow_update == "parallel":
+            raise ValueError(
+                "slow_reads='output' needs slow_update='sequential': the read chunk depends on the slow state"
+            )
         self.input_dim, self.output_dim = input_dim, d_model
         self.K, self.N = chunk_size, n_slow
         self.parallel = slow_update == "parallel"
+        self.reads_output = slow_reads == "output"
         self.proj = nn.Linear(input_dim, d_model)
         self.pos = nn.Parameter(torch.randn(chunk_size, d_model) * 0.02)
         self.slow_init = nn.Parameter(torch.randn(n_slow, d_model) * 0.02)
@@ -141,6 +157,7 @@ class TLBCore(Core):
             if (i + 1) % cross_every == 0:
                 layers.append(Block(d_model, n_heads, mlp_ratio, dropout, cross=True))
         self.layers = nn.ModuleList(layers)
+        self.n_early = cross_every  # the self-attention layers before the first cross-attention
         self.update = Block(d_model, n_heads, mlp_ratio, dropout, cross=True)
         if self.parallel:
             self.slow_query = nn.Parameter(torch.randn(n_slow, d_model) * 0.02)
@@ -211,25 +228,85 @@ class TLBCore(Core):
         h = F.pad(linear(self.proj, x), (0, 0, 0, 1)).gather(1, plan.src) + self.pos.repeat(C, 1)
         cache = F.pad(state["kv"], (0, 0, 0, S - K))  # [B, n_cached, S, 2D]: the chunk in progress, by slot
         keys: list[torch.Tensor] = []  # [B, S, 2D] per self-attention block
-        update_kv = context = None
-        for layer in self.layers:
-            if not layer.cross:
-                query, kv = layer.self_projections(h)
-                keys.append(torch.where(plan.cached, cache[:, len(keys)], kv))
-                kv = layer.keys_values(keys[-1].view(B * C, K, -1))
-                y = layer.attention(query.view(B * C, K, D), *kv, plan.self_mask)
-            else:
-                if update_kv is None:  # the first cross-attention: run the slow stream up to here
-                    update_kv = torch.where(plan.cached, cache[:, -1], self.update.context(h))
-                    slow_before, slow = self._slow_stream(update_kv.view(B * C, K, -1), plan, state["slow"])
-                    # each chunk's slow vectors, and the initial ones for the steps whose episode began in it
-                    context = torch.cat([slow_before, self.slow_init.expand(B, C, N, D)], 2).view(B * C, 2 * N, D)
-                kv = layer.keys_values(layer.context(context))
-                y = layer.attention(layer.query(h).view(B * C, K, D), *kv, plan.cross_mask)
-            h = layer.feed_forward(h + y.view(B, S, D))
+        for layer in self.layers[: self.n_early]:
+            h, kv = self._self_attention(layer, h, plan.cached, cache[:, len(keys)], plan.self_mask)
+            keys.append(kv)
+        if self.reads_output:
+            h, late_keys, update_kv, slow = self._by_chunk(h, cache, plan, state["slow"])
+            keys += late_keys
+        else:
+            update_kv = torch.where(plan.cached, cache[:, -1], self.update.context(h))
+            slow_before, slow = self._slow_stream(update_kv.view(B * C, K, -1), plan, state["slow"])
+            # each chunk's slow vectors, and the initial ones for the steps whose episode began in it
+            context = torch.cat([slow_before, self.slow_init.expand(B, C, N, D)], 2).view(B * C, 2 * N, D)
+            for layer in self.layers[self.n_early :]:
+                if layer.cross:
+                    h = self._cross_attention(layer, h, context, plan.cross_mask)
+                else:
+                    h, kv = self._self_attention(layer, h, plan.cached, cache[:, len(keys)], plan.self_mask)
+                    keys.append(kv)
         keys.append(update_kv)
         y = layer_norm(self.ln_out, h.gather(1, plan.dst))
         return y, {"slow": slow, **self._carried_keys(torch.stack(keys, 1), plan, state, T)}
+
+    def _self_attention(
+        self, layer: Block, h: torch.Tensor, cached: torch.Tensor | None, cache: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A self-attention block on tokens [B, L, D] in whole chunks (L a multiple of K), each attending inside
+        its chunk where ``mask`` [B * L / K, 1, K, K] allows; the keys/values [B, L, 2D] of the slots where
+        ``cached`` [B, L, 1] come from ``cache``. Returns the tokens after the block and their keys/values."""
+        K, D = self.K, self.output_dim
+        query, kv = layer.self_projections(h)
+        if cached is not None:
+            kv = torch.where(cached, cache, kv)
+        y = layer.attention(query.view(-1, K, D), *layer.keys_values(kv.view(-1, K, 2 * D)), mask)
+        return layer.feed_forward(h + y.view_as(h)), kv
+
+    def _cross_attention(
+        self, layer: Block, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """A cross-attention block from tokens [B, L, D] in whole chunks to each chunk's ``context`` [B * L / K, 2N, D]
+        (its slow vectors, then the initial ones), where ``mask`` [B * L / K, 1, K, 2N] allows."""
+        K, D = self.K, self.output_dim
+        y = layer.attention(layer.query(h).view(-1, K, D), *layer.keys_values(layer.context(context)), mask)
+        return layer.feed_forward(h + y.view_as(h))
+
+    def _by_chunk(
+        self, h: torch.Tensor, cache: torch.Tensor, plan: _Plan, slow: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``slow_reads="output"``: the fast layers from the first cross-attention on, one chunk at a time, each
+        chunk's update reading their output. ``h`` [B, S, D] as the earlier layers leave it. Returns the output
+        tokens [B, S, D], the later self-attention blocks' keys/values and the update's [B, S, 2D], and the
+        slow vectors after the last chunk."""
+        B, C, K, N, D = h.shape[0], plan.C, self.K, self.N, self.output_dim
+        tokens = h.view(B, C, K, D).unbind(1)
+        self_masks = plan.self_mask.view(B, C, 1, K, K).unbind(1)
+        cross_masks = plan.cross_mask.view(B, C, 1, K, 2 * N).unbind(1)
+        cached, cache = plan.cached[:, :K], cache[:, :, :K]  # only chunk 0 can hold slots before the call
+        init = self.slow_init.expand(B, N, D)
+        out: list[torch.Tensor] = []
+        keys: list[list[torch.Tensor]] = []
+        update_kv: list[torch.Tensor] = []
+
+        def read(c: int, slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, chunk_keys, i = tokens[c], [], self.n_early
+            context = torch.cat([slow, init], 1)
+            for layer in self.layers[self.n_early :]:
+                if layer.cross:
+                    x = self._cross_attention(layer, x, context, cross_masks[c])
+                else:
+                    x, kv = self._self_attention(layer, x, cached if c == 0 else None, cache[:, i], self_masks[c])
+                    chunk_keys.append(kv)
+                    i += 1
+            kv = self.update.context(x)
+            update_kv.append(torch.where(cached, cache[:, -1], kv) if c == 0 else kv)
+            out.append(x)
+            keys.append(chunk_keys)
+            return self.update.keys_values(update_kv[-1])
+
+        _, slow = self._sequential_stream(read, plan, slow)
+        late_keys = [torch.cat(per_chunk, 1) for per_chunk in zip(*keys, strict=True)]
+        return torch.cat(out, 1), late_keys, torch.cat(update_kv, 1), slow
 
     def _plan(self, state: State, starts: torch.Tensor, lead: int) -> _Plan:
         """Where a call's steps sit by slot, and what may attend to what (see :class:`_Plan`), for a call whose
@@ -298,18 +375,20 @@ class TLBCore(Core):
         h = linear(self.proj, x[:, 0]) + self.pos[q]  # [B, D]
         cache = state["kv"]
         chunk_kv: list[torch.Tensor] = []
-        update_kv = None
-        for layer in self.layers:
+        read_at = len(self.layers) if self.reads_output else self.n_early  # the tokens the slow update reads
+        for i, layer in enumerate(self.layers):
+            if i == read_at:
+                update_kv = torch.where(write, self.update.context(h)[:, None], cache[:, -1])
             if not layer.cross:
                 query, kv = layer.self_projections(h)
                 kv = torch.where(write, kv[:, None], cache[:, len(chunk_kv)])  # [B, K, 2D]
                 chunk_kv.append(kv)
                 y = layer.attention(query[:, None], *layer.keys_values(kv), visible)
             else:
-                if update_kv is None:  # the first cross-attention: the slow stream reads the tokens here
-                    update_kv = torch.where(write, self.update.context(h)[:, None], cache[:, -1])
                 y = layer.attention(layer.query(h)[:, None], *layer.keys_values(layer.context(slow)))
             h = layer.feed_forward(h + y[:, 0])
+        if self.reads_output:
+            update_kv = torch.where(write, self.update.context(h)[:, None], cache[:, -1])
         chunk_kv.append(update_kv)
         complete = q == K - 1
         new_slow = slow
@@ -348,14 +427,25 @@ class TLBCore(Core):
         # Unbound once: indexing [:, c] in the loop would make every iteration's backward add a zero-padded
         # copy of all C chunks (O(C^2) work); unbind's backward is one stack.
         keys, values = keys.unflatten(0, (B, C)).unbind(1), values.unflatten(0, (B, C)).unbind(1)
+        return self._sequential_stream(lambda c, _: (keys[c], values[c]), plan, slow)
+
+    def _sequential_stream(
+        self, read: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], plan: _Plan, slow: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequential update's loop over chunks: the slow vectors at the start of every chunk [B, C, N, D],
+        and after the last one. ``read(c, slow)``: the keys and values [B, H, K, D/H] chunk c's update reads,
+        given the slow vectors [B, N, D] the chunk starts with."""
+        B, C = plan.reset.shape
+        init = self.slow_init.expand(B, -1, -1)
         masks = plan.update_mask[:, :, None, None].unbind(1)  # [B, 1, 1, K] each
-        resets, completes = reset[..., None, None].unbind(1), complete[..., None, None].unbind(1)
+        resets, completes = plan.reset[..., None, None].unbind(1), plan.complete[..., None, None].unbind(1)
         before = []
         for c in range(C):  # the only sequential loop: one iteration per chunk
             before.append(slow)
+            key, value = read(c, slow)
             slow = torch.where(resets[c], init, slow)
             if c < plan.updates:  # else chunk c cannot complete in this call, whatever the clock
-                update = self._sequential_update(slow, keys[c], values[c], masks[c])
+                update = self._sequential_update(slow, key, value, masks[c])
                 slow = update if c < plan.whole else torch.where(completes[c], update, slow)
         return torch.stack(before, 1), slow
 
