@@ -290,9 +290,19 @@ def test_tiny_study_end_to_end_local_then_resume_skips_finished_runs(tmp_path, c
     assert run_compare(["report", str(study_dir)], capsys) == 0
     check_tiny_report(study_dir)
 
-    other = write_config(tmp_path, {**TINY_STUDY, "seeds": [0, 1, 2]}, "other.yaml")
-    with pytest.raises(UserError, match="another config"):
-        runner.run_study(load_study(other), other, study_dir, log=lambda _: None)
+    # A study grows by new runs (a seed here); a config that drops or changes a run it holds is refused.
+    for seeds, frames, refusal in (([0], 2048, "drops its run"), ([0, 1, 2], 4096, "changes the settings of")):
+        other = write_config(
+            tmp_path,
+            {**TINY_STUDY, "seeds": seeds, "envs": [{**TINY_STUDY["envs"][0], "total_frames": frames}]},
+            "other.yaml",
+        )
+        with pytest.raises(UserError, match=refusal):
+            runner.run_study(load_study(other), other, study_dir, log=lambda _: None)
+    grown = write_config(tmp_path, {**TINY_STUDY, "seeds": [0, 1, 2]}, "grown.yaml")
+    runner._check_study_file(study_dir, grown, load_study(grown))
+    assert yaml.safe_load((study_dir / "study.yaml").read_text())["seeds"] == [0, 1, 2]
+    assert [s.seed for s in runner.expand(load_study(grown)) if not runner.is_finished(study_dir, s)] == [2, 2]
 
 
 def test_compare_exits_nonzero_when_runs_were_stopped_by_a_signal(tmp_path, capsys, monkeypatch):

@@ -2,7 +2,7 @@
 
 Study directory layout::
 
-    <study>/study.yaml            the study config as given (a later `compare` must match it)
+    <study>/study.yaml            the study config as given (a later `compare` may only add runs to it)
     <study>/runs/<env>/<row>/s<seed>/   a normal run directory (config.json, metrics.jsonl, final_eval.json, ...)
                                   plus study_run.json: status, attempts, wall-clock, config fingerprint
     <study>/logs/<env>/<row>/s<seed>.attempt<k>.log   stdout/stderr of each attempt
@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from agents import ALGORITHMS
-from commands.study.config import RunSpec, StudyConfig, expand
+from commands.study.config import RunSpec, StudyConfig, expand, load_study
 from tlb_rl.errors import UserError
 
 MAX_ATTEMPTS = 2
@@ -149,14 +149,21 @@ def _write_record(record: Path, spec: RunSpec, status: str, attempts: int, wall:
     record.write_text(json.dumps(fields, indent=2) + "\n")
 
 
-def _check_study_file(study_dir: Path, config_path: str | Path) -> None:
-    """A study directory belongs to one config; keep a copy so `tlb-rl report` can re-render without it."""
+def _check_study_file(study_dir: Path, config_path: str | Path, study: StudyConfig) -> None:
+    """A study directory belongs to one config, which may grow: a config that keeps every run of the saved one
+    with the same settings and adds runs (seeds, envs, agents, cores) is taken, anything else refused. The
+    config is kept in the directory so `tlb-rl report` can re-render without it."""
     saved = study_dir / "study.yaml"
     given = Path(config_path).read_text()
     if saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(given):
-        raise UserError(
-            f"{study_dir} holds a study made from another config (see {saved}); use --out for a new directory"
-        )
+        new = {spec.run_id: spec.fingerprint() for spec in expand(study)}
+        for spec in expand(load_study(saved, runnable=False)):
+            if new.get(spec.run_id) != spec.fingerprint():
+                what = "drops" if spec.run_id not in new else "changes the settings of"
+                raise UserError(
+                    f"{study_dir} holds a study made from another config (see {saved}), and {config_path} {what} "
+                    f"its run {spec.run_id}; a config may only add runs to a study: use --out for a new directory"
+                )
     study_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(given)
 
@@ -207,7 +214,7 @@ def run_study(
 ) -> list[RunOutcome]:
     """Run every unfinished run of ``study`` into ``study_dir``; returns one outcome per run of the grid."""
     study_dir = Path(study_dir)
-    _check_study_file(study_dir, config_path)
+    _check_study_file(study_dir, config_path, study)
     specs = expand(study)
     done = {s.run_id for s in specs if is_finished(study_dir, s)}
     todo = [s for s in specs if s.run_id not in done]
