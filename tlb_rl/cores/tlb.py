@@ -427,12 +427,13 @@ class TLBCore(Core):
         # Unbound once: indexing [:, c] in the loop would make every iteration's backward add a zero-padded
         # copy of all C chunks (O(C^2) work); unbind's backward is one stack.
         keys, values = keys.unflatten(0, (B, C)).unbind(1), values.unflatten(0, (B, C)).unbind(1)
-        return self._sequential_stream(lambda c, _: (keys[c], values[c]), plan, slow)
+        before, slow = self._sequential_stream(lambda c, _: (keys[c], values[c]), plan, slow)
+        return torch.stack(before, 1), slow
 
     def _sequential_stream(
         self, read: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], plan: _Plan, slow: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sequential update's loop over chunks: the slow vectors at the start of every chunk [B, C, N, D],
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The sequential update's loop over chunks: the slow vectors at the start of every chunk (C of [B, N, D]),
         and after the last one. ``read(c, slow)``: the keys and values [B, H, K, D/H] chunk c's update reads,
         given the slow vectors [B, N, D] the chunk starts with."""
         B, C = plan.reset.shape
@@ -447,7 +448,7 @@ class TLBCore(Core):
             if c < plan.updates:  # else chunk c cannot complete in this call, whatever the clock
                 update = self._sequential_update(slow, key, value, masks[c])
                 slow = update if c < plan.whole else torch.where(completes[c], update, slow)
-        return torch.stack(before, 1), slow
+        return before, slow
 
     def _sequential_update(
         self, slow: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
