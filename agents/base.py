@@ -224,7 +224,9 @@ class Agent:
 
     @contextlib.contextmanager
     def _interrupt_after_update(self) -> Iterator[None]:
-        """A first Ctrl-C ends training after the current update (so the checkpoint is exact); a second stops now.
+        """A first Ctrl-C or SIGTERM ends training after the current update (so the checkpoint is exact); a
+        second stops now. SIGTERM is what a scheduler, ``timeout``, ``docker stop`` or a study stopping its runs
+        sends.
 
         Only in the main thread, where Python delivers signals. ``learn`` raises KeyboardInterrupt after saving.
         """
@@ -236,13 +238,15 @@ class Agent:
             if self._stop_requested:
                 raise KeyboardInterrupt
             self._stop_requested = True
-            print("\nstopping after this update (Ctrl-C again to stop at once)", file=sys.stderr)
+            name = signal.Signals(signum).name
+            print(f"\n{name}: stopping after this update ({name} again to stop at once)", file=sys.stderr)
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _raise_if_interrupted(self) -> None:
         if self._stop_requested:

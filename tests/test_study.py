@@ -3,10 +3,15 @@ and resume, and a tiny study end to end on the local backend and on a local Ray 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ from commands.cli import main
 from commands.study import report as report_mod
 from commands.study import runner, stats
 from commands.study.config import RunSpec, load_study
+from tlb_rl.checkpoint import load_checkpoint
 from tlb_rl.errors import UserError
 
 TINY_STUDY = {
@@ -313,6 +319,45 @@ def test_compare_exits_nonzero_when_runs_were_stopped_by_a_signal(tmp_path, caps
     assert (study_dir / "report.md").is_file()  # written before exiting, with the runs marked missing
     records = [json.loads(p.read_text()) for p in study_dir.glob("runs/*/*/*/study_run.json")]
     assert sorted(r["status"] for r in records) == ["interrupted"] * 4
+
+
+def test_sigterm_stops_a_study_after_each_running_run_checkpoints(tmp_path):
+    # A real study in a child process, as a scheduler or `kill` would stop it; one worker, two runs: the second
+    # must never start. What the test waits for is a checkpoint on disk, never a duration.
+    study = {
+        **TINY_STUDY,
+        "ppo": {**TINY_STUDY["ppo"], "checkpoint_every": 1},
+        "cores": {"lstm": {"hidden_size": 16}},
+        "envs": [{**TINY_STUDY["envs"][0], "total_frames": 100_000_000, "eval_every": 51_200}],
+    }
+    config, study_dir = write_config(tmp_path, study), tmp_path / "study"
+    code = "import sys; from commands.cli import main; sys.argv[0] = 'tlb-rl'; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "compare", "--config", str(config), "--out", str(study_dir), "--workers", "1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    run_dir = study_dir / "runs" / "tmaze-L3" / "lstm-ppo" / "s0"
+    seen: set[int] = set()
+    while len(seen) < 2:  # a checkpoint replaced once: the run is past its start-up
+        if proc.poll() is not None:
+            pytest.fail(f"compare ended early (rc {proc.returncode}): {proc.communicate()[1][-2000:]}")
+        with contextlib.suppress(FileNotFoundError):
+            seen.add((run_dir / "checkpoints" / "latest.pt").stat().st_ino)
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "the same command resumes the study" in err and "Traceback" not in err
+    assert json.loads((run_dir / "study_run.json").read_text())["status"] == "interrupted"
+    log = (study_dir / "logs" / "tmaze-L3" / "lstm-ppo" / "s0.attempt1.log").read_text()
+    assert "SIGTERM: stopping after this update" in log and "Resume with: tlb-rl train --resume" in log
+    frames = [json.loads(line)["frames"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["progress"]["frames"] == max(frames)
+    assert not (study_dir / "runs" / "tmaze-L3" / "lstm-ppo" / "s1").exists(), "a queued run started"
 
 
 def test_tiny_study_on_a_local_ray_instance(tmp_path, capsys):

@@ -22,14 +22,16 @@ there every node needs this package installed and the study directory on a share
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,10 +91,63 @@ def _command(spec: RunSpec, run_dir: Path, config_file: Path, resume: bool) -> l
     return [sys.executable, "-m", "commands.study.sb3_baseline", str(config_file), str(run_dir)]
 
 
-def run_one(study_dir: str, spec_dict: dict[str, Any]) -> dict[str, Any]:
+class LocalRuns:
+    """The local backend's running runs, each in a session of its own, so that a stop request reaches each run
+    once, from ``compare``: a Ctrl-C at the terminal reaches only ``compare``, and SIGTERM (``kill``, a
+    scheduler) or SIGHUP (the terminal closed) does what a Ctrl-C does, also for a study running in the
+    background, where SIGINT is ignored. The first request lets every run checkpoint after its current update
+    and starts no new run; a second stops the runs at once, as for ``tlb-rl train``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # re-entrant: a second signal may arrive while the handler holds it
+        self._running: set[subprocess.Popen] = set()
+        self._stopping = False
+
+    def run(self, command: list[str], **popen_kwargs: Any) -> int:
+        """The command's exit status; 130 without starting it once a stop was requested."""
+        with self._lock:
+            if self._stopping:
+                return 130
+            proc = subprocess.Popen(command, start_new_session=True, **popen_kwargs)
+            self._running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        with self._lock:
+            self._stopping = True
+            running = list(self._running)
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def forward_stop_signals(self) -> Iterator[None]:
+        """While inside, SIGINT, SIGTERM and SIGHUP to this process stop the runs (main thread only, where
+        Python delivers signals)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        stops = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup the runs go on
+            stops.append(signal.SIGHUP)  # the terminal closed: the runs, in sessions of their own, would not know
+        previous = {sig: signal.signal(sig, self._stop) for sig in stops}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_one(study_dir: str, spec_dict: dict[str, Any], local: LocalRuns | None = None) -> dict[str, Any]:
     """Run one grid cell to completion with up to :data:`MAX_ATTEMPTS` attempts; returns a RunOutcome dict.
 
-    Takes and returns plain dicts so a Ray worker can run it as well as a local thread.
+    Takes and returns plain dicts so a Ray worker can run it as well as a local thread; the local backend
+    passes ``local``, which starts the run's process and passes stop requests on to it.
     """
     study = Path(study_dir)
     spec = RunSpec(**spec_dict)
@@ -123,9 +178,11 @@ def run_one(study_dir: str, spec_dict: dict[str, Any]) -> dict[str, Any]:
         with open(log, "w") as out:
             # The child must import this checkout even where the package is not installed (a Ray worker).
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-            code = subprocess.run(
-                _command(spec, run_dir, config_file, resume), stdout=out, stderr=out, env=env
-            ).returncode
+            command = _command(spec, run_dir, config_file, resume)
+            if local is None:
+                code = subprocess.run(command, stdout=out, stderr=out, env=env).returncode
+            else:
+                code = local.run(command, stdout=out, stderr=out, env=env)
         wall += time.perf_counter() - started
         if code == 0 and (run_dir / "final_eval.json").exists():
             error = None
@@ -169,14 +226,16 @@ def _check_study_file(study_dir: Path, config_path: str | Path, study: StudyConf
 
 
 def _run_local(study_dir: Path, todo: list[RunSpec], workers: int, on_done: Callable[[dict], None]) -> None:
+    local = LocalRuns()
     pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        futures = [pool.submit(run_one, str(study_dir), asdict(spec)) for spec in todo]
-        for future in as_completed(futures):
-            on_done(future.result())
-    finally:
-        # On Ctrl-C the running children get SIGINT too and save a checkpoint; queued runs never start.
-        pool.shutdown(wait=True, cancel_futures=True)
+    with local.forward_stop_signals():
+        try:
+            futures = [pool.submit(run_one, str(study_dir), asdict(spec), local) for spec in todo]
+            for future in as_completed(futures):
+                on_done(future.result())
+        finally:
+            # After a stop request the running runs save a checkpoint and end; queued runs never start.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_ray(
