@@ -1,6 +1,8 @@
-"""Expert demonstrations from the BabyAI bot, played in parallel and saved as a dataset (:mod:`agents.dataset`).
+"""Expert demonstrations from the BabyAI bot, played in parallel and saved as a dataset (:mod:`agents.dataset`)::
 
     dataset = generate_demos("BabyAI-GoToLocal-v0", n_episodes=1000, out="demos/gotolocal", workers=2)
+
+``tlb-rl demos`` calls it.
 """
 
 from __future__ import annotations

@@ -6,11 +6,15 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from agents import ALGORITHMS
 from commands.cli import main
+from commands.study.config import expand, load_study
+from tlb_rl.config import from_dict, load_yaml
 
 TINY = [
     "env=tmaze",
@@ -139,3 +143,17 @@ def test_console_script_lists_commands_and_envs():
         [sys.executable, "-m", "commands.cli", "envs"], capture_output=True, text=True, check=True
     ).stdout
     assert "MiniGrid-MemoryS7-v0" in listing and "tmaze" in listing
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("configs/*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_is_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keys and types, and for a study every run's config: a typo in a shipped file fails here, not in a user's run.
+    monkeypatch.chdir(REPO)  # studies name their agents' config files from the repository root
+    if path.parent.name == "compare":
+        assert expand(load_study(path, runnable=False))
+    else:
+        algo = ALGORITHMS[path.parent.name]
+        from_dict(algo.config_class, load_yaml(path), str(path))
