@@ -11,7 +11,8 @@ same steps, and a call's tokens lie in whole chunks (laid out by slot, see :clas
 attention is chunk-local. On a GPU nothing in the computation depends on the data's values: no host syncs,
 shapes fixed by T (``torch.compile(fullgraph=True)`` works; the same property is what CUDA-graph capture
 needs, benchmarks/cuda_graph.py). On a CPU, where a host read costs nothing, two reads skip work: the chunk
-of padding a call starting a chunk does not need (compiled too, at the price of a graph break), and the slow
+of padding a call starting a chunk does not need, and with it the layout itself (slot t is step t: no gather,
+no cached keys to merge) when T is whole chunks (compiled too, at the price of a graph break); and the slow
 update on the acting steps where no env completes a chunk (eager only).
 
 Two slow updates:
@@ -63,7 +64,8 @@ class _Plan(NamedTuple):
     whole: int  # the first chunks, complete whatever the clock: T // K
     src: torch.Tensor  # [B, S, D] the step held by each slot (T: a zero row, for slots outside the call)
     dst: torch.Tensor  # [B, T, D] the slot of each step
-    cached: torch.Tensor  # [B, S, 1] the slot lies before the call: its keys come from the state's cache
+    cached: torch.Tensor | None  # [B, S, 1] the slot lies before the call: its keys come from the state's cache
+    # (None when no row's clock is past 0: no slot does)
     first: torch.Tensor  # [B, S] the first position of its chunk a slot's step may attend to
     self_mask: torch.Tensor  # [B * C, 1, K, K] a step's keys: its chunk's steps of its episode up to it
     cross_mask: torch.Tensor  # [B * C, 1, K, 2N] the slow vectors a step reads: its chunk's or the initial ones
@@ -76,6 +78,11 @@ def _static(t: torch.Tensor) -> bool:
     """Whether shapes and branches must not depend on data values: on a GPU, where a host read waits for the
     device and breaks graph capture. On a CPU a host read is free; under ``torch.compile`` it is a graph break."""
     return t.is_cuda
+
+
+def _from_cache(kv: torch.Tensor, cached: torch.Tensor | None, cache: torch.Tensor | None, i: int) -> torch.Tensor:
+    """Keys/values [B, L, 2D] with the slots where ``cached`` [B, L, 1] taken from ``cache[:, i]``."""
+    return kv if cached is None else torch.where(cached, cache[:, i], kv)
 
 
 def _additive(mask: torch.Tensor) -> torch.Tensor:
@@ -224,18 +231,22 @@ class TLBCore(Core):
         plan = self._plan(state, episode_starts.bool(), lead)
         C, K, N, D = plan.C, self.K, self.N, self.output_dim
         S = C * K
-        # Tokens by slot [B, S, D]; the position embedding of slot s is pos[s mod K], a repeat, not a gather.
-        h = F.pad(linear(self.proj, x), (0, 0, 0, 1)).gather(1, plan.src) + self.pos.repeat(C, 1)
-        cache = F.pad(state["kv"], (0, 0, 0, S - K))  # [B, n_cached, S, 2D]: the chunk in progress, by slot
+        # Tokens by slot [B, S, D]; the position embedding of slot s is pos[s mod K], a repeat, not a gather. When
+        # every row begins a chunk and T is whole chunks, slot t holds step t: no gather there, and none back.
+        identity = lead == 0 and S == T
+        h = linear(self.proj, x) if identity else F.pad(linear(self.proj, x), (0, 0, 0, 1)).gather(1, plan.src)
+        h = h + self.pos.repeat(C, 1)
+        # [B, n_cached, S, 2D]: the chunk in progress, by slot
+        cache = None if plan.cached is None else F.pad(state["kv"], (0, 0, 0, S - K))
         keys: list[torch.Tensor] = []  # [B, S, 2D] per self-attention block
         for layer in self.layers[: self.n_early]:
-            h, kv = self._self_attention(layer, h, plan.cached, cache[:, len(keys)], plan.self_mask)
+            h, kv = self._self_attention(layer, h, plan.cached, cache, len(keys), plan.self_mask)
             keys.append(kv)
         if self.reads_output:
             h, late_keys, update_kv, slow = self._by_chunk(h, cache, plan, state["slow"])
             keys += late_keys
         else:
-            update_kv = torch.where(plan.cached, cache[:, -1], self.update.context(h))
+            update_kv = _from_cache(self.update.context(h), plan.cached, cache, -1)
             slow_before, slow = self._slow_stream(update_kv.view(B * C, K, -1), plan, state["slow"])
             # each chunk's slow vectors, and the initial ones for the steps whose episode began in it
             context = torch.cat([slow_before, self.slow_init.expand(B, C, N, D)], 2).view(B * C, 2 * N, D)
@@ -243,22 +254,27 @@ class TLBCore(Core):
                 if layer.cross:
                     h = self._cross_attention(layer, h, context, plan.cross_mask)
                 else:
-                    h, kv = self._self_attention(layer, h, plan.cached, cache[:, len(keys)], plan.self_mask)
+                    h, kv = self._self_attention(layer, h, plan.cached, cache, len(keys), plan.self_mask)
                     keys.append(kv)
         keys.append(update_kv)
-        y = layer_norm(self.ln_out, h.gather(1, plan.dst))
+        y = layer_norm(self.ln_out, h if identity else h.gather(1, plan.dst))
         return y, {"slow": slow, **self._carried_keys(torch.stack(keys, 1), plan, state, T)}
 
     def _self_attention(
-        self, layer: Block, h: torch.Tensor, cached: torch.Tensor | None, cache: torch.Tensor, mask: torch.Tensor
+        self,
+        layer: Block,
+        h: torch.Tensor,
+        cached: torch.Tensor | None,
+        cache: torch.Tensor | None,
+        i: int,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A self-attention block on tokens [B, L, D] in whole chunks (L a multiple of K), each attending inside
         its chunk where ``mask`` [B * L / K, 1, K, K] allows; the keys/values [B, L, 2D] of the slots where
-        ``cached`` [B, L, 1] come from ``cache``. Returns the tokens after the block and their keys/values."""
+        ``cached`` [B, L, 1] come from ``cache[:, i]``. Returns the tokens after the block and their keys/values."""
         K, D = self.K, self.output_dim
         query, kv = layer.self_projections(h)
-        if cached is not None:
-            kv = torch.where(cached, cache, kv)
+        kv = _from_cache(kv, cached, cache, i)
         y = layer.attention(query.view(-1, K, D), *layer.keys_values(kv.view(-1, K, 2 * D)), mask)
         return layer.feed_forward(h + y.view_as(h)), kv
 
@@ -272,7 +288,7 @@ class TLBCore(Core):
         return layer.feed_forward(h + y.view_as(h))
 
     def _by_chunk(
-        self, h: torch.Tensor, cache: torch.Tensor, plan: _Plan, slow: torch.Tensor
+        self, h: torch.Tensor, cache: torch.Tensor | None, plan: _Plan, slow: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """``slow_reads="output"``: the fast layers from the first cross-attention on, one chunk at a time, each
         chunk's update reading their output. ``h`` [B, S, D] as the earlier layers leave it. Returns the output
@@ -282,7 +298,10 @@ class TLBCore(Core):
         tokens = h.view(B, C, K, D).unbind(1)
         self_masks = plan.self_mask.view(B, C, 1, K, K).unbind(1)
         cross_masks = plan.cross_mask.view(B, C, 1, K, 2 * N).unbind(1)
-        cached, cache = plan.cached[:, :K], cache[:, :, :K]  # only chunk 0 can hold slots before the call
+        if plan.cached is not None:  # only chunk 0 can hold slots before the call
+            cached, cache = plan.cached[:, :K], cache[:, :, :K]
+        else:
+            cached = None
         init = self.slow_init.expand(B, N, D)
         out: list[torch.Tensor] = []
         keys: list[list[torch.Tensor]] = []
@@ -295,11 +314,11 @@ class TLBCore(Core):
                 if layer.cross:
                     x = self._cross_attention(layer, x, context, cross_masks[c])
                 else:
-                    x, kv = self._self_attention(layer, x, cached if c == 0 else None, cache[:, i], self_masks[c])
+                    x, kv = self._self_attention(layer, x, cached if c == 0 else None, cache, i, self_masks[c])
                     chunk_keys.append(kv)
                     i += 1
             kv = self.update.context(x)
-            update_kv.append(torch.where(cached, cache[:, -1], kv) if c == 0 else kv)
+            update_kv.append(_from_cache(kv, cached, cache, -1) if c == 0 else kv)
             out.append(x)
             keys.append(chunk_keys)
             return self.update.keys_values(update_kv[-1])
@@ -336,7 +355,7 @@ class TLBCore(Core):
             whole=T // K,
             src=src[..., None].expand(-1, -1, D),
             dst=(clock + torch.arange(T, device=dev))[..., None].expand(-1, -1, D),
-            cached=(step < 0)[..., None],
+            cached=(step < 0)[..., None] if lead else None,
             first=first,
             self_mask=self_mask.view(B * C, 1, K, K),
             cross_mask=self._cross[fresh.long()].view(B * C, 1, K, -1),
