@@ -6,18 +6,14 @@ checkpoint on disk, never a duration, so a slow machine makes them slower, not f
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_process import tlb_rl, wait_for
 
 from agents import PPO
 from commands.cli import main
@@ -61,31 +57,6 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     except SystemExit as e:
         code = int(e.code or 0)
     return code, capsys.readouterr().err
-
-
-def _tlb_rl(*args: str, cwd: Path) -> subprocess.Popen:
-    """``tlb-rl ARGS`` as a child process (the same entry point as the console script)."""
-    code = "import sys; from commands.cli import main; sys.argv[0] = 'tlb-rl'; main()"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, replaced_times: int = 0) -> None:
-    """Wait until ``path`` exists and has been replaced ``replaced_times`` more times (or the process ended)."""
-    seen: set[int] = set()
-    while len(seen) <= replaced_times:
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"the training process ended early (rc {proc.returncode}): {err[-2000:]}")
-        with contextlib.suppress(FileNotFoundError):
-            seen.add(path.stat().st_ino)  # os.replace gives every new checkpoint a new inode
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -178,8 +149,8 @@ def test_resume_with_a_core_state_of_another_layout_starts_fresh_episodes(tmp_pa
 def test_ctrl_c_saves_an_exact_checkpoint_and_resume_continues_the_run(tmp_path, capsys):
     # No schedule, so total_frames may change; one thread in both processes, so sums add up in one order.
     flags = ["--no-progress", "--no-gif", *CLI_TINY, "anneal_lr=false", "torch_threads=1"]
-    proc = _tlb_rl("train", *flags, f"run_dir={tmp_path / 'run'}", "total_frames=100000000", cwd=tmp_path)
-    _wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc, replaced_times=1)
+    proc = tlb_rl("train", *flags, f"run_dir={tmp_path / 'run'}", "total_frames=100000000", cwd=tmp_path)
+    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc, replaced_times=1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -203,8 +174,8 @@ def test_ctrl_c_saves_an_exact_checkpoint_and_resume_continues_the_run(tmp_path,
 
 def test_sigkill_leaves_a_loadable_checkpoint_that_resumes(tmp_path, capsys):
     run = tmp_path / "run"
-    proc = _tlb_rl("train", "--no-progress", *CLI_TINY, f"run_dir={run}", "total_frames=100000000", cwd=tmp_path)
-    _wait_for(run / "checkpoints" / "latest.pt", proc, replaced_times=3)
+    proc = tlb_rl("train", "--no-progress", *CLI_TINY, f"run_dir={run}", "total_frames=100000000", cwd=tmp_path)
+    wait_for(run / "checkpoints" / "latest.pt", proc, replaced_times=3)
     proc.kill()  # SIGKILL: no handler runs
     proc.communicate(timeout=60)
     data = load_checkpoint(run / "checkpoints" / "latest.pt")
@@ -343,6 +314,6 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(kind, saved_runs, cap
 
 
 def test_debug_flag_shows_the_traceback(saved_runs):
-    proc = _tlb_rl("--debug", "eval", str(saved_runs / "truncated.pt"), cwd=saved_runs)
+    proc = tlb_rl("--debug", "eval", str(saved_runs / "truncated.pt"), cwd=saved_runs)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" in err

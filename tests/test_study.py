@@ -3,20 +3,17 @@ and resume, and a tiny study end to end on the local backend and on a local Ray 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from cli_process import tlb_rl, wait_for
 
 from commands.cli import main
 from commands.study import report as report_mod
@@ -331,23 +328,9 @@ def test_sigterm_stops_a_study_after_each_running_run_checkpoints(tmp_path):
         "envs": [{**TINY_STUDY["envs"][0], "total_frames": 100_000_000, "eval_every": 51_200}],
     }
     config, study_dir = write_config(tmp_path, study), tmp_path / "study"
-    code = "import sys; from commands.cli import main; sys.argv[0] = 'tlb-rl'; main()"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "compare", "--config", str(config), "--out", str(study_dir), "--workers", "1"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
+    proc = tlb_rl("compare", "--config", str(config), "--out", str(study_dir), "--workers", "1", cwd=tmp_path)
     run_dir = study_dir / "runs" / "tmaze-L3" / "lstm-ppo" / "s0"
-    seen: set[int] = set()
-    while len(seen) < 2:  # a checkpoint replaced once: the run is past its start-up
-        if proc.poll() is not None:
-            pytest.fail(f"compare ended early (rc {proc.returncode}): {proc.communicate()[1][-2000:]}")
-        with contextlib.suppress(FileNotFoundError):
-            seen.add((run_dir / "checkpoints" / "latest.pt").stat().st_ino)
-        time.sleep(0.02)
+    wait_for(run_dir / "checkpoints" / "latest.pt", proc, replaced_times=1)  # the run is past its start-up
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

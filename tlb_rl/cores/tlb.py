@@ -298,10 +298,9 @@ class TLBCore(Core):
         tokens = h.view(B, C, K, D).unbind(1)
         self_masks = plan.self_mask.view(B, C, 1, K, K).unbind(1)
         cross_masks = plan.cross_mask.view(B, C, 1, K, 2 * N).unbind(1)
-        if plan.cached is not None:  # only chunk 0 can hold slots before the call
-            cached, cache = plan.cached[:, :K], cache[:, :, :K]
-        else:
-            cached = None
+        # only chunk 0 can hold slots before the call
+        cached = None if plan.cached is None else plan.cached[:, :K]
+        cache = None if cache is None else cache[:, :, :K]
         init = self.slow_init.expand(B, N, D)
         out: list[torch.Tensor] = []
         keys: list[list[torch.Tensor]] = []
