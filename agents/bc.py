@@ -299,11 +299,12 @@ class BC(Agent):
             "train/grad_norm": grad_norm.item(),
             "n": float(segment.mask.sum()),
         }
-        return stats, {k: v.detach() for k, v in state.items()}
+        return stats, state
 
     def _loss(self, segment: Segment, state: State) -> tuple[torch.Tensor, float, State]:
         """Masked mean cross-entropy of the demonstrated actions, and the share of them the policy's mode picks."""
-        dist, _, state = self.policy(segment.obs, state, segment.episode_starts)
+        # the state goes on to the next segment without a gradient path back to this one (truncated BPTT)
+        dist, _, state = self.policy(segment.obs, state, segment.episode_starts, state_grad=False)
         B, T = segment.mask.shape
         actions = segment.actions.reshape(B * T)
         mask = segment.mask.reshape(B * T).float()

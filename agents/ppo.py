@@ -315,7 +315,7 @@ class PPO(Agent):
     def _gradient_step(self, batch: RolloutBatch) -> dict[str, float]:
         """One clipped-PPO step on a minibatch of segments."""
         cfg = self.config
-        dist, values, _ = self.policy(batch.obs, batch.states, batch.episode_starts)
+        dist, values, _ = self.policy(batch.obs, batch.states, batch.episode_starts, state_grad=False)
         B, T = batch.episode_starts.shape
         log_probs = dist.log_prob(batch.actions.reshape(B * T, *batch.actions.shape[2:])).view(B, T)
         adv = batch.advantages

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -81,10 +82,13 @@ def train_case(core: Core, starts: torch.Tensor, seed: int) -> Callable[[], None
     x = torch.randn(*starts.shape, INPUT_DIM, generator=gen).to(device)
     proj = torch.randn(core.output_dim, generator=gen).to(device)
     starts = starts.to(device)
+    # As PPO and BC train: no gradient through the returned state (a core from an older --baseline-file may not
+    # take the argument; it then pays for that gradient as the code it comes from did).
+    options = {"state_grad": False} if "state_grad" in inspect.signature(core.forward).parameters else {}
 
     def run() -> None:
         core.zero_grad(set_to_none=True)
-        y, _ = core(x, core.initial_state(starts.shape[0]), starts)
+        y, _ = core(x, core.initial_state(starts.shape[0]), starts, **options)
         loss = (y * proj).sum()  # a projection: the sum of a LayerNorm output has no gradient
         aux = core.auxiliary_loss()  # bRSM learns from its own loss; its output is detached by default
         (loss if aux is None else loss + aux).backward()

@@ -54,7 +54,7 @@ def train_pass(core: Core, starts: torch.Tensor) -> Callable[[], None]:
 
     def run() -> None:
         core.zero_grad(set_to_none=True)
-        y, _ = core(x, core.initial_state(starts.shape[0]), starts)
+        y, _ = core(x, core.initial_state(starts.shape[0]), starts, state_grad=False)  # as PPO and BC train
         aux = core.auxiliary_loss()
         loss = (y * proj).sum()
         (loss if aux is None else loss + aux).backward()

@@ -248,6 +248,29 @@ def test_state_has_fixed_shapes_and_dtypes(config):
             assert {k: (v.shape, v.dtype) for k, v in state.items()} == spec, f"after a call of {T} steps"
 
 
+@pytest.mark.parametrize("T", [1, 11])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_state_grad_false_detaches_the_state_and_changes_nothing_else(config, T):
+    """What PPO and BC train with: the same outputs, state and input gradients, and a state with no autograd
+    history, so that a compiled core leaves the backward through it out of its graph."""
+    core = build(config)
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(3, T, IN, generator=gen, requires_grad=True)
+    starts = random_starts(3, T, 0.2, gen)
+    state0 = warm_state(core, 3, 6, seed=15)
+    y, state = core(x, state0, starts)
+    y_cut, state_cut = core(x, state0, starts, state_grad=False)
+    torch.testing.assert_close(y_cut, y, atol=0, rtol=0)
+    assert_states_close(state_cut, state, atol=0)
+    assert not any(v.requires_grad for v in state_cut.values())
+    if config not in ONE_STEP_GRADIENT and core.has_memory:  # else the state never has a gradient path
+        assert any(v.requires_grad for v in state.values())
+    if config not in DETACHED_OUTPUT:
+        (g,) = torch.autograd.grad(projection_loss(y), x)
+        (g_cut,) = torch.autograd.grad(projection_loss(y_cut), x)
+        torch.testing.assert_close(g_cut, g, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_bad_input_shapes_raise_value_error(config):
     core = build(config)

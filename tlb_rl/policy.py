@@ -55,11 +55,14 @@ class SequencePolicy(nn.Module):
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return self.core.initial_state(batch_size, device or self.critic.weight.device)
 
-    def forward(self, obs: Obs, state: State, episode_starts: torch.Tensor) -> tuple[Any, torch.Tensor, State]:
-        """Action distribution and values [B, T] for observations [B, T, ...]; returns the new state too."""
+    def forward(
+        self, obs: Obs, state: State, episode_starts: torch.Tensor, *, state_grad: bool = True
+    ) -> tuple[Any, torch.Tensor, State]:
+        """Action distribution and values [B, T] for observations [B, T, ...]; returns the new state too
+        (detached with ``state_grad=False``, see :meth:`Core.forward <tlb_rl.cores.base.Core.forward>`)."""
         B, T = episode_starts.shape
         features = self.encoder(map_obs(lambda v: v.reshape(B * T, *v.shape[2:]), obs))  # [B*T, F]
-        y, state = self.core(features.view(B, T, -1), state, episode_starts)  # [B, T, D]
+        y, state = self.core(features.view(B, T, -1), state, episode_starts, state_grad=state_grad)  # [B, T, D]
         y = y.reshape(B * T, -1)
         dist = self.actor(y)
         return dist, self.critic(y).view(B, T), state

@@ -43,8 +43,16 @@ class Core(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """Run the core over ``x`` [B, T, input_dim]; returns outputs [B, T, output_dim] and the final state."""
+    def forward(
+        self, x: torch.Tensor, state: State, episode_starts: torch.Tensor, *, state_grad: bool = True
+    ) -> tuple[torch.Tensor, State]:
+        """Run the core over ``x`` [B, T, input_dim]; returns outputs [B, T, output_dim] and the final state.
+
+        ``state_grad=False``: the final state is returned detached, for training that never backpropagates
+        across calls (PPO's and BC's segments). Eager, that saves nothing; compiled, it keeps the backward
+        through the state out of the graph, which would otherwise run on zero gradients (AOTAutograd makes
+        one for every output that requires grad): TLB's compiled fwd+bwd ~1/3 faster (docs/benchmarks.md).
+        """
         raise NotImplementedError
 
     def memory(self, state: State) -> torch.Tensor:
@@ -55,6 +63,11 @@ class Core(nn.Module):
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A loss computed by the most recent :meth:`forward` call, or None."""
         return None
+
+
+def detached(state: State) -> State:
+    """``state`` cut from the autograd graph (a core's return for ``state_grad=False``)."""
+    return {k: v.detach() for k, v in state.items()}
 
 
 def check_inputs(x: torch.Tensor, episode_starts: torch.Tensor, input_dim: int) -> None:

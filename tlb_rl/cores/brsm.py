@@ -146,7 +146,9 @@ class BRSMCore(Core):
         if self.train_steps % self.boost_decay_steps == 0:
             self.boost_strength.mul_(self.boost_decay)
 
-    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, state: State, episode_starts: torch.Tensor, *, state_grad: bool = True
+    ) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
         T = x.shape[1]
         z_a = self.w_a(x).repeat_interleave(self.n, -1)  # [B, T, m*n]: one value per group, for each cell

@@ -23,6 +23,8 @@ class FeedForwardCore(Core):
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return {}
 
-    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, state: State, episode_starts: torch.Tensor, *, state_grad: bool = True
+    ) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
-        return self.net(x), state
+        return self.net(x), state  # no state: nothing to detach

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, reset_rows
+from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, detached, reset_rows
 
 
 class RNNCore(Core):
@@ -53,7 +53,9 @@ class RNNCore(Core):
         zeros = torch.zeros(batch_size, self.num_layers, self.output_dim, device=device or self.device)
         return {"h": zeros, "c": zeros.clone()} if self.cell == "lstm" else {"h": zeros}
 
-    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, state: State, episode_starts: torch.Tensor, *, state_grad: bool = True
+    ) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
         starts = episode_starts.bool()
         T = x.shape[1]
@@ -78,7 +80,8 @@ class RNNCore(Core):
                 y, hidden = self._packed(x, opens, pos, hidden)
             else:
                 y, hidden = self._spans(x, starts, cuts, hidden)
-        return y, {n: h.transpose(0, 1) for n, h in zip(names, hidden, strict=True)}
+        new = {n: h.transpose(0, 1) for n, h in zip(names, hidden, strict=True)}
+        return y, new if state_grad else detached(new)
 
     def _run(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         y, new = self.rnn(x, tuple(hidden) if self.cell == "lstm" else hidden[0])

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlb_rl.cores.base import Core, State, check_inputs, check_sizes
+from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, detached
 from tlb_rl.cores.blocks import Block, layer_norm, linear
 from tlb_rl.cores.record import record
 
@@ -211,11 +211,14 @@ class TLBCore(Core):
         """The slow vectors [B, N * D]: what the core carries beyond the chunk in progress."""
         return state["slow"].flatten(1)
 
-    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, state: State, episode_starts: torch.Tensor, *, state_grad: bool = True
+    ) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
         B, T, _ = x.shape
         if T == 1:
-            return self._step(x, state, episode_starts[:, 0].bool())
+            y, new = self._step(x, state, episode_starts[:, 0].bool())
+            return y, new if state_grad else detached(new)
         # The latest clock the layout allows for. K - 1 makes the shapes depend on T alone, as a GPU's graph capture
         # needs. On a CPU a host read is free, and a call whose rows all begin a chunk (PPO's rollouts of a multiple
         # of K steps) then lays out no chunk of padding: T = 128, K = 16 is 8 chunks instead of 9. Compiled on a
@@ -258,7 +261,8 @@ class TLBCore(Core):
                     keys.append(kv)
         keys.append(update_kv)
         y = layer_norm(self.ln_out, h if identity else h.gather(1, plan.dst))
-        return y, {"slow": slow, **self._carried_keys(torch.stack(keys, 1), plan, state, T)}
+        new = {"slow": slow, **self._carried_keys(torch.stack(keys, 1), plan, state, T)}
+        return y, new if state_grad else detached(new)
 
     def _self_attention(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tlb_rl.cores.base import Core, State, check_inputs, check_sizes
+from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, detached
 from tlb_rl.cores.blocks import Block
 
 
@@ -55,7 +55,9 @@ class WindowTransformerCore(Core):
             "n_valid": torch.zeros(batch_size, dtype=torch.long, device=device),  # of those, in this episode
         }
 
-    def forward(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, state: State, episode_starts: torch.Tensor, *, state_grad: bool = True
+    ) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
         T = x.shape[1]
         M, dev = self.W - 1, x.device
@@ -78,4 +80,5 @@ class WindowTransformerCore(Core):
             h = blk(h, keys, mask=mask)
         last = last_start[:, -1]
         n_valid = torch.where(last >= 0, T - last, state["n_valid"] + T).clamp(max=M)
-        return self.ln_out(h), {"memory": torch.stack(memories, 1), "n_valid": n_valid}
+        new = {"memory": torch.stack(memories, 1), "n_valid": n_valid}
+        return self.ln_out(h), new if state_grad else detached(new)
