@@ -133,8 +133,9 @@ class LocalRuns:
             yield
             return
         stops = [signal.SIGINT, signal.SIGTERM]
-        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup the runs go on
-            stops.append(signal.SIGHUP)  # the terminal closed: the runs, in sessions of their own, would not know
+        hangup = getattr(signal, "SIGHUP", None)  # POSIX only
+        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:  # under nohup the runs go on
+            stops.append(hangup)  # the terminal closed: the runs, in sessions of their own, would not know
         previous = {sig: signal.signal(sig, self._stop) for sig in stops}
         try:
             yield

@@ -62,8 +62,9 @@ class _Plan(NamedTuple):
     C: int  # chunks the call can touch: S = C * K slots
     updates: int  # the first chunks, the only ones that can complete in the call
     whole: int  # the first chunks, complete whatever the clock: T // K
-    src: torch.Tensor  # [B, S, D] the step held by each slot (T: a zero row, for slots outside the call)
-    dst: torch.Tensor  # [B, T, D] the slot of each step
+    # (src and dst: None when slot t holds step t, every row's clock at 0 and T whole chunks: no layout to do)
+    src: torch.Tensor | None  # [B, S, D] the step held by each slot (T: a zero row, for slots outside the call)
+    dst: torch.Tensor | None  # [B, T, D] the slot of each step
     cached: torch.Tensor | None  # [B, S, 1] the slot lies before the call: its keys come from the state's cache
     # (None when no row's clock is past 0: no slot does)
     first: torch.Tensor  # [B, S] the first position of its chunk a slot's step may attend to
@@ -234,9 +235,8 @@ class TLBCore(Core):
         plan = self._plan(state, episode_starts.bool(), lead)
         C, K, N, D = plan.C, self.K, self.N, self.output_dim
         S = C * K
-        # Tokens by slot [B, S, D]; the position embedding of slot s is pos[s mod K], a repeat, not a gather. When
-        # every row begins a chunk and T is whole chunks, slot t holds step t: no gather there, and none back.
-        identity = lead == 0 and S == T
+        # Tokens by slot [B, S, D]; the position embedding of slot s is pos[s mod K], a repeat, not a gather.
+        identity = plan.src is None
         h = linear(self.proj, x) if identity else F.pad(linear(self.proj, x), (0, 0, 0, 1)).gather(1, plan.src)
         h = h + self.pos.repeat(C, 1)
         # [B, n_cached, S, 2D]: the chunk in progress, by slot
@@ -338,10 +338,11 @@ class TLBCore(Core):
         clock = state["chunk_len"][:, None]  # [B, 1]
         C = (lead + T - 1) // K + 1  # the chunks of slots 0 .. lead + T - 1
         s = torch.arange(C * K, device=dev)
-        step = s - clock  # [B, S] the call's step at each slot
-        inside = (step >= 0) & (step < T)
-        src = torch.where(inside, step, T)
-        starts = F.pad(starts, (0, 1)).gather(1, src)  # [B, S]
+        identity = lead == 0 and C * K == T  # slot t holds step t
+        if not identity:
+            step = s - clock  # [B, S] the call's step at each slot
+            src = torch.where((step >= 0) & (step < T), step, T)
+            starts = F.pad(starts, (0, 1)).gather(1, src)  # [B, S]
         last = torch.where(starts, s, -1).cummax(1).values  # slot of the latest episode start up to each slot
         chunk_start = s // K * K
         fresh = last >= chunk_start  # the slot's episode began in its chunk: it reads the initial slow vectors
@@ -356,8 +357,8 @@ class TLBCore(Core):
             C=C,
             updates=(lead + T) // K,
             whole=T // K,
-            src=src[..., None].expand(-1, -1, D),
-            dst=(clock + torch.arange(T, device=dev))[..., None].expand(-1, -1, D),
+            src=None if identity else src[..., None].expand(-1, -1, D),
+            dst=None if identity else (clock + torch.arange(T, device=dev))[..., None].expand(-1, -1, D),
             cached=(step < 0)[..., None] if lead else None,
             first=first,
             self_mask=self_mask.view(B * C, 1, K, K),
