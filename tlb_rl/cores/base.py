@@ -51,7 +51,7 @@ class Core(nn.Module):
         ``state_grad=False``: the final state is returned detached, for training that never backpropagates
         across calls (PPO's and BC's segments). Eager, that saves nothing; compiled, it keeps the backward
         through the state out of the graph, which would otherwise run on zero gradients (AOTAutograd makes
-        one for every output that requires grad): TLB's compiled fwd+bwd ~1/3 faster (docs/benchmarks.md).
+        one for every output that requires grad): TLB's compiled fwd+bwd 2-8% faster (docs/benchmarks.md).
         """
         raise NotImplementedError
 
