@@ -72,7 +72,7 @@ class AgentConfig:
     eval_episodes: int = 100
     """Episodes per validation evaluation (env seeds from 500,000), which picks ``best.pt``."""
     patience: int = 0
-    """Stop after this many validation evaluations without a better score (0: never stop early)."""
+    """Stop after this many validation evaluations without a better ``measure`` (0: never stop early)."""
     target_success: float | None = None
     """Stop once a validation evaluation's success rate reaches this (None: train the whole budget)."""
     measure: str = "success"
@@ -323,17 +323,19 @@ class Agent:
         return run_inspection(self, n_episodes, probe, seed_start, self.eval_parallel, deterministic, render)
 
     def _validate(self, *tiebreak: float) -> dict[str, float]:
-        """Evaluate on the validation seeds; a better (measure, *tiebreak) is saved as ``best.pt``."""
+        """Evaluate on the validation seeds; a better (measure, *tiebreak) is saved as ``best.pt``. Only a better
+        measure renews ``patience``: a tie-break (BC's validation loss, which keeps falling slowly on a plateau
+        of success, even at a run stuck on the action prior) picks among equal checkpoints, and never keeps a run
+        going on its own."""
         result = self.evaluate(self.config.eval_episodes, seed_start=VALIDATION_SEED_BASE)
         self.last_success = result["success_rate"]
         measured = result["success_rate"] if self.config.measure == "success" else result["mean_return"]
         score = (measured, *tiebreak)
+        self.stale_evals = 0 if measured > self.best_score[0] else self.stale_evals + 1
         if score > self.best_score:
-            self.best_score, self.stale_evals = score, 0
+            self.best_score = score
             if self.run_dir is not None:
                 self.save(self.run_dir / "checkpoints" / "best.pt")
-        else:
-            self.stale_evals += 1
         return {
             "validation/success_rate": result["success_rate"],
             "validation/return": result["mean_return"],

@@ -282,3 +282,24 @@ def test_checkpoints_saved_before_the_shared_agent_class_still_load(tmp_path):
     save_checkpoint(data, tmp_path / "old.pt")
     old = PPO.load(tmp_path / "old.pt")
     assert (old.frames, old.updates, old.best_score, old.stale_evals) == (640, 20, (0.75,), 0)
+
+
+def test_patience_counts_evaluations_without_a_better_measure_whatever_the_tiebreak(tmp_path, monkeypatch):
+    """BC breaks ties of success by validation loss; a lower loss at the same success picks best.pt but must
+    not renew patience, or a run stuck on a plateau (its loss creeping down) would never stop."""
+    model = PPO("tmaze", core="none", core_kwargs=SMALL_CORES["none"], n_envs=2, n_steps=16, batch_size=32)
+    model.config.patience, model.config.run_dir = 2, str(tmp_path)
+    successes = iter([0.5, 0.5, 0.5, 0.6, 0.6])
+    result = {"mean_return": 0.0, "mean_length": 1.0}
+    monkeypatch.setattr(model, "evaluate", lambda *a, **k: {"success_rate": next(successes), **result})
+    saved = []
+    monkeypatch.setattr(model, "save", lambda path: saved.append(path.name))
+    stale, stops = [], []
+    for tiebreak in (-0.9, -0.8, -0.8, -0.7, -0.6):  # the loss falls, stays once, falls again
+        model._validate(tiebreak)
+        stale.append(model.stale_evals)
+        stops.append(model._should_stop())
+    assert stale == [0, 1, 2, 0, 1]
+    assert stops == [False, False, True, False, False]
+    assert saved == ["best.pt"] * 4  # every evaluation but the third (equal) is better by (success, -loss)
+    assert model.best_score == (0.6, -0.6)
