@@ -131,6 +131,47 @@ def test_report_statistics_on_synthetic_curves_match_hand_computation():
         }
     )
     assert "| r | 4 | >= 250 [" in md and "| 3/4 |" in md and "Censored at the budget (400): r (1)" in md
+    assert "## Final success by env" not in md  # one env: the table above says it all
+
+
+def test_report_sets_each_rows_final_success_on_every_env_side_by_side():
+    """A study over several envs (demonstration counts, memory lengths) gets one table of final success, a column
+    per env; a row without finished runs on an env leaves its cell empty."""
+    spec = RunSpec("e/r/s0", "e", "r", 0, "ppo", {})
+    grid = np.array([100, 200])
+
+    def cell(finals):
+        runs = [report_mod.RunData(spec, np.array([0.5, f]), f, [1], 1.0, 1.0) for f in finals]
+        return report_mod.summarize_cell(report_mod.Cell(runs=runs), grid, 0.9, 200)
+
+    envs = {
+        "few": {"rows": {"tlb": cell([0.5, 0.6, 0.7]), "lstm": cell([0.4])}},
+        "many": {
+            "rows": {"tlb": cell([0.9, 0.9, 0.9]), "lstm": report_mod.summarize_cell(report_mod.Cell(), grid, 0.9, 200)}
+        },
+    }
+    for name, env in envs.items():
+        env.update(env=name, env_kwargs={}, budget=200, eval_every=100)
+    md = report_mod.render_markdown(
+        {
+            "study": "s",
+            "command": None,
+            "threshold": 0.9,
+            "envs": envs,
+            "all_envs": {},
+            "seeds": {
+                "training_seeds": [0],
+                "training_env_seeds": "",
+                "validation_env_seeds": {},
+                "final_eval_env_seeds": [],
+            },
+            "missing_runs": [],
+        }
+    )
+    table = md.split("## Final success by env")[1]
+    assert "| row | few | many |" in table
+    assert "| tlb | 0.60 [" in table and "(3) | 0.90 [0.90, 0.90] (3) |" in table
+    assert "| lstm | 0.40 [0.40, 0.40] (1) |  |" in table
 
 
 def test_an_env_measured_by_return_maps_its_returns_onto_zero_one(tmp_path):

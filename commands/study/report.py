@@ -296,6 +296,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         if censored:
             lines += ["", f"Censored at the budget ({_frames(env['budget'])}): {', '.join(censored)} run(s)."]
         lines.append("")
+    if len(report["envs"]) > 1:
+        lines += _by_env_table(report)
     if report["all_envs"]:
         lines += [
             "## All envs",
@@ -329,6 +331,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["![learning curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def _by_env_table(report: dict[str, Any]) -> list[str]:
+    """Final success of every row on every env side by side (the rows of the envs above, one column each): how
+    a row's result moves with what the envs vary, e.g. the number of demonstrations or the memory length."""
+    envs = report["envs"]
+    rows = dict.fromkeys(row for env in envs.values() for row in env["rows"])
+    lines = [
+        "## Final success by env",
+        "",
+        "IQM [95% CI] (finished runs) of the best checkpoints on the held-out seeds, as in the tables above.",
+        "",
+        "| row | " + " | ".join(envs) + " |",
+        "|---|" + "---|" * len(envs),
+    ]
+    for row in rows:
+        cells = []
+        for env in envs.values():
+            cell = env["rows"].get(row, {})
+            cells.append(f"{_est(cell['final_success'])} ({cell['runs']})" if cell.get("runs") else "")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot_curves(report: dict[str, Any], out: Path) -> None:
