@@ -17,6 +17,11 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` without the module call. The attention cores call their layers' functions directly: a module
     call costs microseconds of Python (hooks, attribute lookups), as much as the arithmetic of one token, and
     TLB's acting step makes ~30 of them (``benchmarks/cores.py``, acting). Module hooks are not run."""
+    if torch.compiler.is_compiling() and not x.is_cuda and layer.bias is not None:
+        # Compiled on a CPU, inductor runs addmm as a copy of the broadcast bias into the output, then the product;
+        # as a product and an add, the add joins the next elementwise kernel. Measured on TLB (docs/benchmarks.md):
+        # acting step x0.86-0.94, fwd+bwd [16, 128] x0.95. On a GPU inductor does this itself.
+        return x @ layer.weight.t() + layer.bias
     return F.linear(x, layer.weight, layer.bias)
 
 
@@ -91,7 +96,7 @@ class MLP(nn.Sequential):
         # Functional calls, not the four modules: TLB's slow update runs this on [B, N, D] once per chunk,
         # where per-call overhead outweighs the arithmetic.
         fc1, _, fc2, drop = self
-        y = F.linear(F.gelu(F.linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        y = linear(fc2, F.gelu(linear(fc1, x)))
         return F.dropout(y, drop.p, self.training) if drop.p else y
 
 
