@@ -123,6 +123,22 @@ def test_film_makes_the_image_features_depend_on_the_mission(film: bool) -> None
     assert torch.allclose(image[0], image[1]) != film
 
 
+def test_norm_fixes_the_scale_of_the_features_the_core_gets() -> None:
+    plain = make_encoder(BABYAI, film=True)
+    normed = make_encoder(BABYAI, film=True, norm=True)
+    normed.encoder.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # weights grown as the FiLM features of a stalled LSTM run had (docs/results.md)
+        for encoder in (plain, normed.encoder):
+            for p in encoder.parameters():
+                p.mul_(3)
+    obs = sample_batch(BABYAI, 4)
+    big, fixed = plain(obs), normed(obs)
+    assert normed.output_dim == plain.output_dim and big.abs().mean() > 10
+    torch.testing.assert_close(fixed.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fixed.var(-1, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(fixed, torch.nn.functional.layer_norm(big, big.shape[-1:]))
+
+
 def test_film_needs_an_image_and_a_text() -> None:
     with pytest.raises(UserError, match="film=True needs exactly one image and one text entry"):
         make_encoder(spaces.Dict({"image": GRID, "direction": spaces.Discrete(4)}), film=True)

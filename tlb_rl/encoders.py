@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -53,6 +54,10 @@ class EncoderConfig:
     """Condition the image's feature maps on the text (FiLM); needs one image and one text entry."""
     text_keys: tuple[str, ...] = ("mission",)
     """Dict keys whose 1-dim integer Box holds token ids (``envs`` puts text under "mission")."""
+    norm: bool = False
+    """Layer-normalise the features handed to the core (no learned scale), so their scale stays put whatever
+    the encoder learns. Unnormalised FiLM features grew until an LSTM core's gates saturated in one BC run of
+    three (docs/results.md); TLB's pre-LayerNorm blocks do not see the scale."""
 
 
 class Encoder(nn.Module):
@@ -339,7 +344,20 @@ def make_encoder(observation_space: spaces.Space, **kwargs: object) -> Encoder:
     config = EncoderConfig(**kwargs)
     if config.text not in ("gru", "bow"):
         raise UserError(f"encoder option text must be 'gru' or 'bow', got {config.text!r}")
-    return _encoder_for(observation_space, config)
+    encoder = _encoder_for(observation_space, config)
+    return NormalisedEncoder(encoder) if config.norm else encoder
+
+
+class NormalisedEncoder(Encoder):
+    """An encoder's features, layer-normalised over their width (``EncoderConfig.norm``)."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.output_dim = encoder.output_dim
+
+    def forward(self, obs: Observation) -> torch.Tensor:
+        return F.layer_norm(self.encoder(obs), (self.output_dim,))
 
 
 def obs_to_tensor(obs: np.ndarray | dict[str, np.ndarray], device: torch.device | str) -> Observation:
