@@ -3,7 +3,8 @@
 TLB's forward and backward run the same ops whatever the data (tests/test_cores.py checks it), so
 ``torch.cuda.make_graphed_callables`` can replay them without launching each kernel from Python. For each
 shape: eager TLB fwd+bwd, graphed TLB fwd+bwd (outputs checked against eager), and a one-layer cuDNN LSTM
-with as many parameters (no episode starts: its fused path), medians over ``--repeats``.
+with as many parameters (no episode starts: its fused path), medians over ``--repeats``. The state comes back
+detached (``state_grad=False``), as PPO and BC call the core: no backward through it.
 
     python benchmarks/cuda_graph.py [--shapes 16x128,16x1024] [--cores tlb,tlb:slow_update=sequential]
 """
@@ -33,7 +34,7 @@ class _Pass(nn.Module):
         self.core, self.keys = core, keys
 
     def forward(self, x: torch.Tensor, starts: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y, new = self.core(x, dict(zip(self.keys, state, strict=True)), starts)
+        y, new = self.core(x, dict(zip(self.keys, state, strict=True)), starts, state_grad=False)
         return (y, *(new[k] for k in self.keys))
 
 
@@ -62,7 +63,7 @@ def measure(spec: str, B: int, T: int, repeats: int) -> dict[str, float]:
 
     def eager() -> None:
         core.zero_grad(set_to_none=True)
-        y, _ = core(x, state, starts)
+        y, _ = core(x, state, starts, state_grad=False)
         (y * proj).sum().backward()
 
     graphed = torch.cuda.make_graphed_callables(_Pass(core, keys), (x, starts, *state.values()))
@@ -73,7 +74,7 @@ def measure(spec: str, B: int, T: int, repeats: int) -> dict[str, float]:
         (y * proj).sum().backward()
 
     with torch.no_grad():
-        diff = (graphed(x, starts, *state.values())[0] - core(x, state, starts)[0]).abs().max().item()
+        diff = (graphed(x, starts, *state.values())[0] - core(x, state, starts, state_grad=False)[0]).abs().max().item()
     n_params = sum(p.numel() for p in core.parameters())
     hidden = max(h for h in range(1, 512) if 4 * h * (INPUT_DIM + h) + 8 * h <= n_params)
     lstm = nn.LSTM(INPUT_DIM, hidden, batch_first=True).cuda()
