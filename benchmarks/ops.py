@@ -11,6 +11,12 @@ the op count, not the arithmetic, sets the time. For every core (input width 128
 (the count in which the LSTM's fwd+bwd without starts is ~130); "top-level" counts only the ops Python
 called. The summary gives TLB's counts against the LSTM's.
 
+``compile=true`` (``--cores tlb:compile=true``) counts a core compiled as an agent's ``compile=true`` compiles it,
+but with inductor's kernel profiling on and its Python wrapper (not the C++ one), so that each of its fused
+kernels is an event beside the aten ops it calls (matrix products) and those outside the graph: "aten events"
+is then every kernel the pass runs on a CPU, fused ones included ("top-level": aten ops and fused kernels
+that no aten op called). On a GPU inductor fuses into Triton kernels instead, so the count is a CPU one.
+
     python benchmarks/ops.py [--cores tlb,tlb:slow_update=sequential,lstm] [--json-out ops.json]
 
 Core settings race as in throughput.py: ``NAME:key=value:...``. JSON to stdout, summary to stderr.
@@ -43,9 +49,14 @@ def count_ops(run: Callable[[], None]) -> tuple[int, int]:
         warnings.simplefilter("ignore")  # the profiler warns when it has nothing to say about devices
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             run()
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    events = [e for e in prof.events() if e.name.startswith("aten::") or _fused_kernel(e.name)]
     top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
     return len(events), len(top)
+
+
+def _fused_kernel(name: str) -> bool:
+    """A kernel inductor generated (named so by ``cpp.enable_kernel_profile``), e.g. graph_1_cpp_fused_add_gelu_3."""
+    return name.startswith("graph_") and "_cpp_fused_" in name
 
 
 def train_pass(core: Core, starts: torch.Tensor) -> Callable[[], None]:
@@ -80,7 +91,16 @@ def build(spec: str) -> Core:
     name, *options = spec.split(":")
     if name not in CORES:
         raise SystemExit(f"unknown core '{name}'; known: {', '.join(CORES)}")
-    return make_core(name, INPUT_DIM, **apply_overrides({}, options))
+    hyperparameters = apply_overrides({}, options)
+    compiled = bool(hyperparameters.pop("compile", False))
+    core = make_core(name, INPUT_DIM, **hyperparameters)
+    if compiled:
+        if not core.compilable:
+            raise SystemExit(f"core '{name}' does not compile")
+        # tlb_rl.cores.compile_core's settings, but inductor's Python wrapper with kernel profiling: every fused
+        # kernel is then a profiler event.
+        core.compile(dynamic=False, options={"cpp.enable_kernel_profile": True})
+    return core
 
 
 def main(argv: list[str] | None = None) -> dict:
