@@ -187,9 +187,11 @@ class TLBCore(Core):
         # Masks are additive (0 or -inf): SDPA would turn a bool mask into one on every call (measured: the
         # chunk-local attention's fwd+bwd ~25% faster on CPU).
         self.register_buffer("_visible", _additive(visible), persistent=False)
-        # what the next step keeps: nothing after the chunk's last step
-        self.register_buffer("_kept", visible & (k < chunk_size - 1)[:, None, None], persistent=False)
-        self.register_buffer("_write", torch.eye(chunk_size, dtype=torch.bool)[..., None], persistent=False)
+        # What the next step keeps (nothing after the chunk's last step), and the slot a step writes, as 0/1 floats:
+        # the acting step multiplies and lerps by them, exact for 0 and 1, where a bool mask's `where` or its
+        # promotion in a product costs more (acting step x0.93 eager: docs/benchmarks.md).
+        self.register_buffer("_kept", (visible & (k < chunk_size - 1)[:, None, None]).float(), persistent=False)
+        self.register_buffer("_write", torch.eye(chunk_size)[..., None], persistent=False)
         self.register_buffer("_next", (k + 1) % chunk_size, persistent=False)
         # The cross-attention's keys per chunk: its slow vectors, then the initial ones; a step reads the second
         # half when its episode began in the chunk (row 1), else the first.
@@ -401,17 +403,17 @@ class TLBCore(Core):
         read_at = len(self.layers) if self.reads_output else self.n_early  # the tokens the slow update reads
         for i, layer in enumerate(self.layers):
             if i == read_at:
-                update_kv = torch.where(write, self.update.context(h)[:, None], cache[:, -1])
+                update_kv = torch.lerp(cache[:, -1], self.update.context(h)[:, None], write)
             if not layer.cross:
                 query, kv = layer.self_projections(h)
-                kv = torch.where(write, kv[:, None], cache[:, len(chunk_kv)])  # [B, K, 2D]
+                kv = torch.lerp(cache[:, len(chunk_kv)], kv[:, None], write)  # [B, K, 2D]
                 chunk_kv.append(kv)
                 y = layer.attention(query[:, None], *layer.keys_values(kv), visible)
             else:
                 y = layer.attention(layer.query(h)[:, None], *layer.keys_values(layer.context(slow)))
             h = layer.feed_forward(h + y[:, 0])
         if self.reads_output:
-            update_kv = torch.where(write, self.update.context(h)[:, None], cache[:, -1])
+            update_kv = torch.lerp(cache[:, -1], self.update.context(h)[:, None], write)
         chunk_kv.append(update_kv)
         complete = q == K - 1
         new_slow = slow
