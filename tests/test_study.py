@@ -223,6 +223,21 @@ def test_grid_merges_layers_and_every_cell_is_a_run(tmp_path):
     assert (baseline["n_steps"], baseline["n_epochs"], baseline["seed"]) == (128, 3, 1)  # shared, own, grid
 
 
+def test_an_agent_can_run_with_some_cores_only(tmp_path):
+    from commands.study.config import expand
+
+    compiled = {"name": "ppo", "cores": ["tlb"], "overrides": {"compile": True}}
+    data = {**TINY_STUDY, "agents": [compiled, {"name": "ppo", "cores": ["lstm"]}]}
+    runs = expand(load_study(write_config(tmp_path, data)))
+    assert sorted({(r.row, r.config.get("compile", False)) for r in runs}) == [("lstm-ppo", False), ("tlb-ppo", True)]
+    assert len(runs) == 2 * 2  # seeds x (one core per agent)
+    clash = {**TINY_STUDY, "agents": [{"name": "ppo"}, {"name": "ppo", "cores": ["lstm"]}]}
+    with pytest.raises(UserError, match="distinct names where they share a core"):
+        load_study(write_config(tmp_path, clash))
+    with pytest.raises(UserError, match="agent 'ppo': cores \\['gru'\\] not among"):
+        load_study(write_config(tmp_path, {**TINY_STUDY, "agents": [{"name": "ppo", "cores": ["gru"]}]}))
+
+
 # ---------------------------------------------------------------------- runner: retries, never losing a run
 def _fake_command(script: str):
     def command(spec, run_dir, config_file, resume):

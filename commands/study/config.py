@@ -5,7 +5,8 @@
     threshold: 0.9                   # success rate for "frames to threshold"
     ppo: {n_envs: 8, vectorization: sync, torch_threads: 1}   # PPOConfig keys every PPO run shares
     bc: {torch_threads: 1}           # BCConfig keys every BC run shares
-    agents: [{name: ppo}]            # each: name, algo (ppo or bc), optional config (a YAML file), overrides
+    agents: [{name: ppo}]            # each: name, algo (ppo or bc), optional config (a YAML file), overrides,
+                                     # cores (those it runs with; default all)
     cores: [tlb, lstm, none]         # or a mapping core -> core_kwargs
     baselines: {recurrentppo: {n_steps: 128}}   # optional external rows, with their hyperparameters
     envs:
@@ -78,6 +79,9 @@ class AgentEntry:
     """A YAML config to start from (e.g. configs/ppo/tmaze.yaml)."""
     overrides: dict = field(default_factory=dict)
     """Keys that make this agent what it is; they win over the study's and the env's."""
+    cores: list[str] | None = None
+    """The study's cores this agent runs with (None: all). Two agents may share a name where their cores differ,
+    e.g. ``{name: ppo, cores: [tlb], overrides: {compile: true}}`` beside ``{name: ppo, cores: [lstm]}``."""
 
 
 @dataclass
@@ -102,6 +106,10 @@ class StudyConfig:
     """BCConfig keys every BC run shares."""
     baselines: dict[str, dict] = field(default_factory=dict)
     """External baselines (``recurrentppo``) and their hyperparameters."""
+
+    def cores_of(self, agent: AgentEntry) -> list[str]:
+        """The cores ``agent`` runs with, in the study's order."""
+        return [core for core in self.cores if agent.cores is None or core in agent.cores]
 
 
 @dataclass
@@ -170,9 +178,16 @@ def _check(study: StudyConfig) -> None:
         raise UserError("study key 'seeds' must list distinct seeds")
     if not 0 < study.threshold <= 1:
         raise UserError(f"study key 'threshold' must be in (0, 1], got {study.threshold}")
-    for kind, names in [("envs", [e.name for e in study.envs]), ("agents", [a.name for a in study.agents])]:
-        if len(set(names)) != len(names):
-            raise UserError(f"study {kind} need distinct names, got {names}")
+    names = [e.name for e in study.envs]
+    if len(set(names)) != len(names):
+        raise UserError(f"study envs need distinct names, got {names}")
+    for agent in study.agents:
+        unknown = sorted(set(agent.cores or ()) - set(study.cores))
+        if unknown or agent.cores == []:
+            raise UserError(f"agent '{agent.name}': cores {unknown or '[]'} not among the study's {list(study.cores)}")
+    rows = [f"{core}-{a.name}" for a in study.agents for core in study.cores_of(a)]
+    if len(set(rows)) != len(rows):
+        raise UserError(f"study agents need distinct names where they share a core, got rows {rows}")
     for env in study.envs:
         if env.total_frames < 1 or not 0 < env.eval_every <= env.total_frames:
             raise UserError(f"env '{env.name}': need total_frames >= 1 and 0 < eval_every <= total_frames")
@@ -265,7 +280,7 @@ def expand(study: StudyConfig) -> list[RunSpec]:
     for seed in study.seeds:
         for env in study.envs:
             for agent in study.agents:
-                for core in study.cores:
+                for core in study.cores_of(agent):
                     row = f"{core}-{agent.name}"
                     config = agent_config(study, agent, core, env, seed)
                     runs.append(RunSpec(f"{env.name}/{row}/s{seed}", env.name, row, seed, agent.algo, config))

@@ -218,7 +218,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
         "missing_runs": [m for by_row in cells.values() for c in by_row.values() for m in c.missing],
         "baseline_differences": list(DIFFERENCES) if study.baselines else [],
         "offline_rows": [
-            f"{core}-{a.name}" for a in study.agents if ALGORITHMS[a.algo].offline for core in study.cores
+            f"{core}-{a.name}" for a in study.agents if ALGORITHMS[a.algo].offline for core in study.cores_of(a)
         ],
     }
 
