@@ -81,6 +81,13 @@ def _static(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+@torch.compiler.disable
+def _any(t: torch.Tensor) -> bool:
+    """``bool(t.any())``, run outside the graph: the same one graph break as the read inline, without Dynamo's
+    warning about ``Tensor.item()`` on every compiled run's console."""
+    return bool(t.any())
+
+
 def _from_cache(kv: torch.Tensor, cached: torch.Tensor | None, cache: torch.Tensor | None, i: int) -> torch.Tensor:
     """Keys/values [B, L, 2D] with the slots where ``cached`` [B, L, 1] taken from ``cache[:, i]``."""
     return kv if cached is None else torch.where(cached, cache[:, i], kv)
@@ -225,13 +232,13 @@ class TLBCore(Core):
         # The latest clock the layout allows for. K - 1 makes the shapes depend on T alone, as a GPU's graph capture
         # needs. On a CPU a host read is free, and a call whose rows all begin a chunk (PPO's rollouts of a multiple
         # of K steps) then lays out no chunk of padding: T = 128, K = 16 is 8 chunks instead of 9. Compiled on a
-        # CPU, the read is a graph break (here, not in a function it calls, so one) and the answer a constant of the
-        # graph after it, so it is only 0 or K - 1: two graphs per shape at most.
+        # CPU, the read is one graph break (the call of `_any`, which runs outside the graph) and the answer a
+        # constant of the graph after it, so it is only 0 or K - 1: two graphs per shape at most.
         clock = state["chunk_len"]
         if _static(clock):
             lead = self.K - 1
         elif torch.compiler.is_compiling():
-            lead = self.K - 1 if bool(clock.any()) else 0
+            lead = self.K - 1 if _any(clock) else 0
         else:
             lead = int(clock.max())
         plan = self._plan(state, episode_starts.bool(), lead)
