@@ -182,9 +182,11 @@ def _check(study: StudyConfig) -> None:
     if len(set(names)) != len(names):
         raise UserError(f"study envs need distinct names, got {names}")
     for agent in study.agents:
+        if agent.cores == []:
+            raise UserError(f"agent '{agent.name}': cores [] names no core; leave the key out to run all of them")
         unknown = sorted(set(agent.cores or ()) - set(study.cores))
-        if unknown or agent.cores == []:
-            raise UserError(f"agent '{agent.name}': cores {unknown or '[]'} not among the study's {list(study.cores)}")
+        if unknown:
+            raise UserError(f"agent '{agent.name}': cores {unknown} not among the study's {list(study.cores)}")
     rows = [f"{core}-{a.name}" for a in study.agents for core in study.cores_of(a)]
     if len(set(rows)) != len(rows):
         raise UserError(f"study agents need distinct names where they share a core, got rows {rows}")
