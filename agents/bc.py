@@ -10,11 +10,17 @@ their memory there). The streams are cut into segments of ``seq_len`` steps; the
 segment is carried, detached, into the next one, so an episode longer than a segment is still seen whole.
 The loss is the cross-entropy of the bot's actions. Validation success on held-out env seeds (never a demo
 seed) picks ``best.pt`` and stops training early (``patience``).
+
+A checkpoint holds where training stands in its epoch (the shuffle's random state, the segments done, the
+carried core state), so a run resumed from it (``tlb-rl train --resume``, a study's next sitting) continues
+exactly as the uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +32,7 @@ import torch
 
 from agents.base import Agent, AgentConfig
 from agents.dataset import DemoDataset, load_demos
+from agents.resume import restore_rng, rng_snapshot
 from tlb_rl.cores import State
 from tlb_rl.encoders import obs_to_tensor
 from tlb_rl.errors import TrainingError, UserError
@@ -141,6 +148,7 @@ class BC(Agent):
 
     algo = "bc"
     config_class = BCConfig
+    resumable = True
     eval_parallel = 16
     offline = True
     config: BCConfig
@@ -173,6 +181,12 @@ class BC(Agent):
         self.epochs = 0
         self._rng = np.random.default_rng(self.config.seed)
         self._data: tuple[DemoDataset, DemoDataset | None] | None = None
+        # Where training stands in the current epoch: what an exact resume needs beyond weights and optimiser.
+        self._shuffle: dict[str, Any] | None = None  # the shuffler's state before this epoch's permutation
+        self._layout: list[int] = []  # training episodes, batch_size, seq_len the epoch was packed for
+        self._position = 0  # segments of the epoch trained on
+        self._carried: State = {}  # the core state going into the next segment ({}: a fresh one)
+        self._stats: dict[str, list[float]] = {}  # per-update statistics since the last evaluation
 
     @property
     def test_episodes(self) -> int:
@@ -226,7 +240,7 @@ class BC(Agent):
         run_dir = self.run_dir
         if run_dir is not None:
             self.make_run_dir()
-        segments = self._epoch(train)
+        segments = self._resume_epoch(train)
         # Frames (the x axis) count demonstration steps trained on; a packed update holds about this many.
         steps_per_update = int(train.lengths.sum()) / len(segments)
         logger = RunLogger(run_dir, int(limit * steps_per_update), progress, start_frames=self.frames)
@@ -250,13 +264,13 @@ class BC(Agent):
         callback: Callable[..., bool | None] | None,
     ) -> None:
         """Gradient steps over freshly shuffled epochs, evaluating every ``eval_every_updates``, until a stop."""
-        cfg, run_dir = self.config, self.run_dir
-        stats: dict[str, list[float]] = {}
+        cfg, run_dir, stats = self.config, self.run_dir, self._stats
         t0 = time.perf_counter()
         while True:
-            state = self.policy.initial_state(segments[0].actions.shape[0])
-            for segment in segments:
+            state = self._carried or self.policy.initial_state(segments[0].actions.shape[0])
+            for segment in segments[self._position :]:
                 step, state = self._gradient_step(segment, state)
+                self._position, self._carried = self._position + 1, state
                 for k, v in step.items():
                     stats.setdefault(k, []).append(v)
                 self.updates += 1
@@ -265,7 +279,7 @@ class BC(Agent):
                     metrics = {k: float(np.mean(v)) for k, v in stats.items() if k != "n"}
                     metrics["train/epoch"] = self.epochs
                     metrics["time/steps_per_s"] = sum(stats["n"]) / (time.perf_counter() - t0)
-                    stats = {}
+                    stats.clear()
                     metrics.update(self._validate_bc(val))
                     logger.log(self.frames, metrics)
                     if run_dir is not None:
@@ -280,8 +294,30 @@ class BC(Agent):
 
     def _epoch(self, train: DemoDataset) -> list[Segment]:
         """The training episodes in a fresh random order, packed into segments."""
+        cfg = self.config
+        self._shuffle = copy.deepcopy(self._rng.bit_generator.state)
+        self._layout = [len(train), cfg.batch_size, cfg.seq_len]
+        self._position, self._carried = 0, {}
         order = self._rng.permutation(len(train))
-        return pack_episodes(train, order, self.config.batch_size, self.config.seq_len, self.device)
+        return pack_episodes(train, order, cfg.batch_size, cfg.seq_len, self.device)
+
+    def _resume_epoch(self, train: DemoDataset) -> list[Segment]:
+        """The epoch training stopped in (the same order, drawn again from the saved shuffle), else a new one."""
+        if self._shuffle is None:
+            return self._epoch(train)
+        cfg = self.config
+        position, carried = self._position, self._carried
+        if self._layout != [len(train), cfg.batch_size, cfg.seq_len]:
+            print(
+                "warning: the dataset split, batch_size or seq_len changed since the checkpoint; training goes on "
+                "from a new epoch, not exactly as the uninterrupted run would",
+                file=sys.stderr,
+            )
+            return self._epoch(train)
+        self._rng.bit_generator.state = self._shuffle
+        segments = self._epoch(train)
+        self._position, self._carried = position, carried
+        return segments
 
     def _gradient_step(self, segment: Segment, state: State) -> tuple[dict[str, float], State]:
         """One cross-entropy step on a segment; returns the detached state to carry into the next segment."""
@@ -344,9 +380,20 @@ class BC(Agent):
     def _progress(self) -> dict[str, Any]:
         return {**super()._progress(), "epochs": self.epochs}
 
+    def _extra_checkpoint(self) -> dict[str, Any]:
+        epoch = {"shuffle": self._shuffle, "layout": self._layout, "position": self._position}
+        epoch |= {"core_state": self._carried, "stats": self._stats}
+        return {"epoch": epoch, "rng": rng_snapshot()}
+
     def _restore(self, data: dict[str, Any]) -> None:
         super()._restore(data)
         self.epochs = data["progress"]["epochs"]
+        if "epoch" in data:  # checkpoints written before BC resumed start their next run from a new epoch
+            epoch = data["epoch"]
+            self._shuffle, self._layout, self._position = epoch["shuffle"], epoch["layout"], epoch["position"]
+            self._carried = {k: v.to(self.device) for k, v in epoch["core_state"].items()}
+            self._stats = epoch["stats"]
+            restore_rng(data["rng"])
 
 
 __all__ = ["BC", "BCConfig", "pack_episodes"]

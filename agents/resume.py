@@ -87,20 +87,21 @@ def restore_rollout(
     return carry, saved["episode_return"].numpy().copy(), saved["episode_length"].numpy().copy()
 
 
-def rng_snapshot(generator: torch.Generator) -> dict[str, Any]:
-    """Torch's global (CPU and CUDA) random states and the agent's own generator."""
+def rng_snapshot(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Torch's global (CPU and CUDA) random states and the agent's own generator, if it has one."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generator": generator.get_state(),
+        "generator": generator.get_state() if generator is not None else None,
     }
 
 
-def restore_rng(saved: dict[str, Any], generator: torch.Generator) -> None:
+def restore_rng(saved: dict[str, Any], generator: torch.Generator | None = None) -> None:
     torch.set_rng_state(saved["torch"])
     if saved["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
-    generator.set_state(saved["generator"])
+    if generator is not None:
+        generator.set_state(saved["generator"])
 
 
 def _same_observations(a: Any, b: Any) -> bool:

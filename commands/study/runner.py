@@ -10,8 +10,8 @@ Study directory layout::
     <study>/report.md, report.json, curves.png
 
 Each run is a subprocess (``tlb-rl train --algo ...`` or the RecurrentPPO baseline), so a crash, even a
-segfault or an out-of-memory kill, ends that run only. A failed attempt is recorded and retried once (a PPO
-run from its latest checkpoint when there is one; a BC run from the start); a run that fails twice is
+segfault or an out-of-memory kill, ends that run only. A failed attempt is recorded and retried once (from
+its latest checkpoint when there is one; an sb3-contrib run from the start); a run that fails twice is
 reported as failed, and the next ``compare`` tries it again. A run with ``final_eval.json`` and a matching
 config fingerprint is finished and skipped.
 
@@ -167,7 +167,6 @@ def run_one(study_dir: str, spec_dict: dict[str, Any], local: LocalRuns | None =
     attempts, wall = int(previous.get("attempts", 0)), float(previous.get("wall_s", 0.0))
     error: str | None = "not started"
     for _ in range(MAX_ATTEMPTS):
-        # An algorithm that cannot resume exactly (BC) starts a retried run again.
         resume = ours and ALGORITHMS[spec.algo].resumable and (run_dir / "checkpoints" / "latest.pt").exists()
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)  # a fresh start must not append to a dead attempt's metrics
