@@ -78,7 +78,9 @@ class AgentConfig:
     measure: str = "success"
     """What picks ``best.pt``: ``success`` (rate) or ``return`` (mean episodic return, for envs without success)."""
     init_from: str | None = None
-    """A PPO or BC checkpoint whose policy weights training starts from (same core, spaces and encoder)."""
+    """A PPO or BC checkpoint whose policy weights training starts from (same core, spaces and encoder). In a
+    study config it may name its cell's ``{core}``, ``{seed}`` and ``{env}`` (the env's name in the study), so each
+    run starts from its own run of an earlier study."""
     compile: bool = False
     """Compile the core with ``torch.compile`` (tlb, transformer, none). Each input shape and grad mode compiles on
     its first call: ~80 s in all for TLB-PPO on a CPU the first time (inductor caches kernels on disk); TLB-PPO
@@ -193,6 +195,9 @@ class Agent:
     @classmethod
     def check_inputs(cls, config: dict[str, Any], where: str) -> None:
         """Check, before any run of a study starts, what a config names outside itself (e.g. a dataset)."""
+        init_from = config.get("init_from")
+        if init_from and not Path(init_from).is_file():
+            raise UserError(f"{where}: init_from '{init_from}' is not a file (a checkpoint of an earlier run)")
 
     def sequences_per_step(self) -> int:
         """Sequences the policy runs at once, for ``device="auto"``."""

@@ -170,6 +170,7 @@ class BC(Agent):
 
     @classmethod
     def check_inputs(cls, config: dict[str, Any], where: str) -> None:
+        super().check_inputs(config, where)
         dataset = config.get("dataset", "")
         if not Path(dataset).is_dir():
             raise UserError(f"{where}: dataset '{dataset}' is not a directory; make one with `tlb-rl demos`")

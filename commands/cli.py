@@ -153,10 +153,16 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _demos(args: argparse.Namespace) -> None:
-    from agents.bot import generate_demos
+    from agents.demos import generate_demos
 
     data = generate_demos(
-        args.env, args.episodes, args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress
+        args.env,
+        args.episodes,
+        args.out,
+        workers=args.workers,
+        seed=args.seed,
+        expert=args.expert,
+        progress=not args.no_progress,
     )
     h = data.header
     print(
@@ -249,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="take the most likely action")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("demos", help="record BabyAI bot demonstrations (successful episodes only)")
-    p.add_argument("--env", required=True, help="a BabyAI level, e.g. BabyAI-GoToLocal-v0")
-    p.add_argument("--episodes", type=_positive_int, required=True, help="episodes the bot plays")
+    p = sub.add_parser("demos", help="record an expert's demonstrations (successful episodes only)")
+    p.add_argument("--env", required=True, help="e.g. BabyAI-GoToLocal-v0 (the BabyAI bot), MiniGrid-MemoryS11-v0")
+    p.add_argument("--episodes", type=_positive_int, required=True, help="episodes the expert plays")
+    p.add_argument("--expert", help="module:function or path/file.py:function (default: the env's built-in expert)")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes (default 1)")
     p.add_argument("--seed", type=int, default=0, help="first env seed (default 0; seeds stay below 500000)")

@@ -113,23 +113,24 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
-def _load_attribute(target: str) -> Any:
-    """The object named by ``"module:attr"`` or ``"path/file.py:attr"``; UserError when it is not there."""
+def load_attribute(target: str, what: str = "env spec") -> Any:
+    """The object named by ``"module:attr"`` or ``"path/file.py:attr"``; UserError (naming it ``what``) when it
+    is not there."""
     where, _, attr = target.rpartition(":")
     path = Path(where).expanduser().resolve()
     is_file = where.endswith(".py") or "/" in where
     if is_file and not path.is_file():
-        raise UserError(f"env spec '{target}': no file {path}")
+        raise UserError(f"{what} '{target}': no file {path}")
     try:
         module = _import_file(path) if is_file else importlib.import_module(where)
     except Exception as err:
-        raise UserError(f"env spec '{target}': cannot import '{where}': {type(err).__name__}: {err}") from err
+        raise UserError(f"{what} '{target}': cannot import '{where}': {type(err).__name__}: {err}") from err
     try:
         return functools.reduce(getattr, attr.split("."), module)
     except AttributeError:
-        if attr in gym.registry:  # Gymnasium's own "module:EnvId" form
+        if what == "env spec" and attr in gym.registry:  # Gymnasium's own "module:EnvId" form
             return attr
-        raise UserError(f"env spec '{target}': '{where}' has no attribute '{attr}'") from None
+        raise UserError(f"{what} '{target}': '{where}' has no attribute '{attr}'") from None
 
 
 def _unknown_id(spec: str) -> UserError:
@@ -146,9 +147,9 @@ def resolve(spec: str | EnvFactory) -> tuple[str, EnvFactory | str]:
     if not isinstance(spec, str):
         raise UserError(f"env spec must be an id, 'module:Factory' or a callable, got {type(spec).__name__}")
     if ":" in spec:
-        target = _load_attribute(spec)
+        target = load_attribute(spec)
     elif spec in (entry_points := plugin_entry_points()):
-        target = _load_attribute(entry_points[spec])
+        target = load_attribute(entry_points[spec])
     else:
         _import_minigrid()
         if spec not in gym.registry:

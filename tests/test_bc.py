@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from agents.bc import BC, pack_episodes
-from agents.bot import generate_demos
 from agents.dataset import DATA_FILE, load_demos
+from agents.demos import generate_demos
 from commands.cli import main
 from tlb_rl.checkpoint import load_checkpoint
 from tlb_rl.errors import UserError

@@ -1,12 +1,12 @@
-"""Bot demonstrations: what is stored is what the wrapped env shows, it round-trips, bad input gets one line."""
+"""Expert demonstrations: what is stored is what the wrapped env shows, it round-trips, bad input gets one line."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from agents.bot import generate_demos
 from agents.dataset import DATA_FILE, demos_from_minari, demos_to_minari, load_demos
+from agents.demos import generate_demos
 from commands.cli import main
 from envs import make_env
 from tlb_rl.errors import UserError
@@ -83,8 +83,8 @@ def test_missing_and_wrong_env_datasets(demos_dir, tmp_path) -> None:
         load_demos(demos_dir, env="BabyAI-GoToRedBallGrey-v0")
 
 
-def test_bot_refuses_non_babyai_and_held_out_seeds(tmp_path) -> None:
-    with pytest.raises(UserError, match="BabyAI levels only"):
+def test_refuses_envs_without_an_expert_and_held_out_seeds(tmp_path) -> None:
+    with pytest.raises(UserError, match="no built-in expert plays EmptyEnv"):
         generate_demos("MiniGrid-Empty-5x5-v0", 2, tmp_path, progress=False)
     with pytest.raises(UserError, match="held out"):
         generate_demos(ENV, 10, tmp_path, seed=499_995, progress=False)
@@ -101,3 +101,37 @@ def test_cli_reports_kept_and_failed(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "kept 3 of 3 episodes (0 failed)" in out
     assert load_demos(tmp_path / "d").header["seeds_played"] == [0, 3]
+
+
+@pytest.mark.parametrize("env_id", ["MiniGrid-MemoryS7-v0", "MiniGrid-MemoryS13-v0"])
+def test_memory_expert_looks_at_the_cue_then_picks_its_match(tmp_path, env_id) -> None:
+    data = generate_demos(env_id, 30, tmp_path / "d", progress=False)
+    assert len(data) == 30 and data.header["generator"] == "agents.experts:memory_expert"
+    env = make_env(env_id)
+    for i in range(len(data)):
+        _, actions = data.episode(i)
+        env.reset(seed=int(data.seeds[i]))
+        level = env.unwrapped
+        cue = (1, level.grid.height // 2 - 1)
+        seen_at = None
+        for t, action in enumerate(actions):
+            if seen_at is None and level.agent_sees(*cue):
+                seen_at = t
+            _, reward, terminated, _, _ = env.step(int(action))
+        # the cue was in view before the last steps, and the episode ended on the matching object's side
+        assert seen_at is not None and seen_at < len(actions) - 2, (i, seen_at, len(actions))
+        assert terminated and reward > 0 and tuple(level.agent_pos) == tuple(level.success_pos)
+
+
+def test_a_users_expert_by_name_and_bad_names(tmp_path, capsys) -> None:
+    plugin = tmp_path / "my_expert.py"
+    plugin.write_text("def straight(env):\n    return lambda: 2  # always forward\n")
+    with pytest.raises(UserError, match=r"the expert \(.*my_expert.py:straight\) solved none of the first 5"):
+        generate_demos("MiniGrid-Empty-5x5-v0", 5, tmp_path / "d", expert=f"{plugin}:straight", progress=False)
+    with pytest.raises(UserError, match="give it as module:function"):
+        generate_demos("MiniGrid-Empty-5x5-v0", 2, tmp_path / "d", expert="straight", progress=False)
+    with pytest.raises(UserError, match=r"expert 'agents\.experts:nothing': 'agents\.experts' has no attribute"):
+        generate_demos("MiniGrid-Empty-5x5-v0", 2, tmp_path / "d", expert="agents.experts:nothing", progress=False)
+    turn = "agents.experts:memory_expert"
+    main(["demos", "--env", "MiniGrid-MemoryS7-v0", "--episodes", "3", "--out", str(tmp_path / "m"), "--expert", turn])
+    assert "kept 3 of 3 episodes" in capsys.readouterr().out

@@ -238,6 +238,25 @@ def test_an_agent_can_run_with_some_cores_only(tmp_path):
         load_study(write_config(tmp_path, {**TINY_STUDY, "agents": [{"name": "ppo", "cores": ["gru"]}]}))
 
 
+def test_init_from_names_each_cells_own_checkpoint(tmp_path):
+    from commands.study.config import expand
+
+    for core in ("tlb", "lstm"):
+        for seed in (0, 1):
+            (tmp_path / f"{core}-s{seed}.pt").write_bytes(b"")
+    warm = {"name": "warm", "overrides": {"init_from": str(tmp_path / "{core}-s{seed}.pt")}}
+    runs = expand(load_study(write_config(tmp_path, {**TINY_STUDY, "agents": [warm]})))
+    assert sorted(r.config["init_from"] for r in runs) == sorted(
+        str(tmp_path / f"{core}-s{seed}.pt") for core in ("tlb", "lstm") for seed in (0, 1)
+    )
+    (tmp_path / "lstm-s1.pt").unlink()
+    with pytest.raises(UserError, match=r"lstm-s1.pt' is not a file"):
+        load_study(write_config(tmp_path, {**TINY_STUDY, "agents": [warm]}))
+    typo = {"name": "warm", "overrides": {"init_from": "runs/{cores}/best.pt"}}
+    with pytest.raises(UserError, match=r"may name \{core\}, \{seed\} and \{env\} only"):
+        load_study(write_config(tmp_path, {**TINY_STUDY, "agents": [typo]}))
+
+
 # ---------------------------------------------------------------------- runner: retries, never losing a run
 def _fake_command(script: str):
     def command(spec, run_dir, config_file, resume):
@@ -429,7 +448,7 @@ def tiny_bc_study(dataset: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def bc_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from agents.bot import generate_demos
+    from agents.demos import generate_demos
 
     out = tmp_path_factory.mktemp("study-bc") / "demos"
     generate_demos(BC_ENV, 20, out, seed=0, progress=False)

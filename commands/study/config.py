@@ -244,6 +244,13 @@ def agent_config(study: StudyConfig, agent: AgentEntry, core: str, env: EnvEntry
     merged = _merge(base, getattr(study, agent.algo, {}), getattr(env, agent.algo, {}), agent.overrides, cell)
     merged.pop("run_dir", None)
     where = f"{cls.algo.upper()} config of {agent.name}/{core} on {env.name}"
+    if isinstance(merged.get("init_from"), str):  # each cell starts from its own run of an earlier study
+        try:
+            merged["init_from"] = merged["init_from"].format(core=core, seed=seed, env=env.name)
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(
+                f"{where}: init_from '{merged['init_from']}' may name {{core}}, {{seed}} and {{env}} only ({e})"
+            ) from None
     config = from_dict(cls.config_class, merged, where)
     merged.update(cls.budget_keys(config, env.total_frames, env.eval_every, where))
     return merged

@@ -1,8 +1,9 @@
-"""Expert demonstrations from the BabyAI bot, played in parallel and saved as a dataset (:mod:`agents.dataset`)::
+"""Expert demonstrations, played in parallel and saved as a dataset (:mod:`agents.dataset`)::
 
     dataset = generate_demos("BabyAI-GoToLocal-v0", n_episodes=1000, out="demos/gotolocal", workers=2)
 
-``tlb-rl demos`` calls it.
+The expert is the BabyAI bot on BabyAI levels, :func:`agents.experts.memory_expert` on MiniGrid's Memory
+envs, or one of the user's (``expert="module:function"``; :mod:`agents.experts`). ``tlb-rl demos`` calls it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import numpy as np
 from tqdm import tqdm
 
 from agents.dataset import DemoDataset, DemoEpisode
+from agents.experts import Expert, find_expert
 from envs import make_env
 from envs.seeding import VALIDATION_SEED_BASE
 from tlb_rl.errors import UserError
 
 EPISODE_TIME_LIMIT_S = 10.0
-"""Wall-clock limit of one bot episode: the bot's planner can loop forever on a level it cannot solve."""
+"""Wall-clock limit of one expert episode: the BabyAI bot's planner can loop forever on a level it cannot solve."""
 GIVE_UP_AFTER = 20
-"""If the bot fails this many episodes in a row from the start, the level is taken as one it cannot solve."""
+"""If the expert fails this many episodes in a row from the start, the env is taken as one it cannot solve."""
 
 
 class _EpisodeTimeout(Exception):
@@ -38,14 +40,12 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise _EpisodeTimeout
 
 
-def bot_episode(env: gym.Env, seed: int) -> DemoEpisode:
-    """Let the BabyAI bot play the episode of env seed ``seed`` on a wrapped env from :func:`envs.make_env`.
+def expert_episode(env: gym.Env, seed: int, expert: Expert) -> DemoEpisode:
+    """Let ``expert`` play the episode of env seed ``seed`` on a wrapped env from :func:`envs.make_env`.
 
-    The bot plans on the unwrapped BabyAI level; the observations kept are the wrapper's. An episode that
+    The expert may plan on the unwrapped env; the observations kept are the wrapper's. An episode that
     raises or runs out of steps or time comes back with ``success=False`` and the reason in ``error``.
     """
-    from minigrid.utils.baby_ai_bot import BabyAIBot
-
     obs, _ = env.reset(seed=seed)
     observations, actions, rewards = [obs], [], []
     success, error = False, None
@@ -54,9 +54,9 @@ def bot_episode(env: gym.Env, seed: int) -> DemoEpisode:
         previous = signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, EPISODE_TIME_LIMIT_S)
     try:
-        bot = BabyAIBot(env.unwrapped)
+        policy = expert(env)
         while True:
-            action = int(bot.replan())
+            action = int(policy())
             obs, reward, terminated, truncated, _ = env.step(action)
             observations.append(obs)
             actions.append(action)
@@ -66,9 +66,9 @@ def bot_episode(env: gym.Env, seed: int) -> DemoEpisode:
                 error = None if success else ("ran out of steps" if truncated else "ended without reward")
                 break
     except _EpisodeTimeout:
-        error = f"the bot planned for more than {EPISODE_TIME_LIMIT_S:g} s"
-    except Exception as e:  # the bot asserts on situations it does not handle
-        error = f"the bot failed: {type(e).__name__}: {e}"
+        error = f"the expert planned for more than {EPISODE_TIME_LIMIT_S:g} s"
+    except Exception as e:  # the BabyAI bot asserts on situations it does not handle
+        error = f"the expert failed: {type(e).__name__}: {e}"
     finally:
         if timed:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -83,29 +83,22 @@ def bot_episode(env: gym.Env, seed: int) -> DemoEpisode:
     )
 
 
-_worker_env: gym.Env | None = None
+_worker_env: tuple[str, gym.Env] | None = None  # (what made it, the env)
 
 
-def _play_seeds(job: tuple[str, dict[str, Any], list[int]]) -> list[DemoEpisode]:
-    """Worker: play a list of seeds with one env kept for the process's lifetime."""
+def _play_seeds(job: tuple[str, dict[str, Any], str | None, list[int]]) -> list[DemoEpisode]:
+    """Worker: play a list of seeds with one env kept for the process's lifetime (or until another is asked for:
+    with ``workers=1`` the worker is this process, which may generate demos of several envs)."""
     global _worker_env
-    env_id, env_kwargs, seeds = job
-    if _worker_env is None:
-        _worker_env = make_env(env_id, **env_kwargs)
-    return [bot_episode(_worker_env, s) for s in seeds]
-
-
-def check_bot_env(env_id: str, env_kwargs: dict[str, Any]) -> gym.Env:
-    """The wrapped env, or a UserError if the BabyAI bot cannot play it."""
-    from minigrid.envs.babyai.core.roomgrid_level import RoomGridLevel
-
-    env = make_env(env_id, **env_kwargs)
-    if not isinstance(env.unwrapped, RoomGridLevel):
-        env.close()
-        raise UserError(
-            f"the BabyAI bot plays BabyAI levels only (BabyAI-...-v0); '{env_id}' is a {type(env.unwrapped).__name__}"
-        )
-    return env
+    env_id, env_kwargs, expert_spec, seeds = job
+    key = repr((env_id, sorted(env_kwargs.items())))
+    if _worker_env is None or _worker_env[0] != key:
+        if _worker_env is not None:
+            _worker_env[1].close()
+        _worker_env = (key, make_env(env_id, **env_kwargs))
+    env = _worker_env[1]
+    _, expert = find_expert(env, expert_spec)
+    return [expert_episode(env, s, expert) for s in seeds]
 
 
 def _chunks(seeds: range, size: int) -> Iterator[list[int]]:
@@ -121,14 +114,16 @@ def generate_demos(
     workers: int = 1,
     seed: int = 0,
     env_kwargs: dict[str, Any] | None = None,
+    expert: str | None = None,
     progress: bool = True,
 ) -> DemoDataset:
-    """Let the BabyAI bot play env seeds ``seed .. seed + n_episodes - 1``; keep and save the successful ones.
+    """Let an expert play env seeds ``seed .. seed + n_episodes - 1``; keep and save the successful ones.
 
     :param workers: processes playing in parallel (1: play in this process).
     :param seed: first env seed; all seeds must stay below the validation/evaluation seeds (500,000).
+    :param expert: ``"module:function"`` (see :mod:`agents.experts`); None: the built-in expert for the env.
     :return: the saved dataset (its header counts the failures and lists their seeds).
-    :raises UserError: a level the bot cannot play or solve, seeds that reach the held-out range.
+    :raises UserError: an env no expert plays or the expert cannot solve, seeds that reach the held-out range.
     """
     env_kwargs = dict(env_kwargs or {})
     if n_episodes < 1 or workers < 1:
@@ -138,21 +133,26 @@ def generate_demos(
             f"demo seeds {seed}..{seed + n_episodes - 1} must lie in 0..{VALIDATION_SEED_BASE - 1}: "
             "higher seeds are held out for validation and evaluation"
         )
-    env = check_bot_env(env_id, env_kwargs)
+    env = make_env(env_id, **env_kwargs)
+    try:
+        name, play = find_expert(env, expert)
+    except UserError:
+        env.close()
+        raise
     spaces = (env.observation_space, env.action_space)
-    # A few episodes here first: a level the bot cannot solve fails fast with a message, not after N tries.
-    first = [bot_episode(env, s) for s in range(seed, seed + min(GIVE_UP_AFTER, n_episodes))]
+    # A few episodes here first: an env the expert cannot solve fails fast with a message, not after N tries.
+    first = [expert_episode(env, s, play) for s in range(seed, seed + min(GIVE_UP_AFTER, n_episodes))]
     env.close()
     if not any(e.success for e in first):
         raise UserError(
-            f"the BabyAI bot solved none of the first {len(first)} episodes of {env_id} "
-            f"({first[0].error}); it cannot generate demonstrations for this level"
+            f"the expert ({name}) solved none of the first {len(first)} episodes of {env_id} "
+            f"({first[0].error}); it cannot generate demonstrations for this env"
         )
     episodes = list(first)
     start = time.perf_counter()
     rest = range(seed + len(first), seed + n_episodes)
     bar = tqdm(total=n_episodes, initial=len(first), unit="ep", disable=not progress, dynamic_ncols=True)
-    jobs = [(env_id, env_kwargs, c) for c in _chunks(rest, 50)]
+    jobs = [(env_id, env_kwargs, expert, c) for c in _chunks(rest, 50)]
     if workers == 1:
         results: Iterator[list[DemoEpisode]] = map(_play_seeds, jobs)
         pool = None
@@ -172,7 +172,7 @@ def generate_demos(
     header = {
         "env": env_id,
         "env_kwargs": env_kwargs,
-        "generator": "minigrid.utils.baby_ai_bot.BabyAIBot",
+        "generator": name,
         "seeds_played": [seed, seed + n_episodes],
         "failed_seeds": [e.seed for e in failed],
         "failure_reasons": sorted({e.error or "" for e in failed}),
@@ -183,4 +183,4 @@ def generate_demos(
     return dataset
 
 
-__all__ = ["bot_episode", "generate_demos"]
+__all__ = ["expert_episode", "generate_demos"]
