@@ -43,8 +43,8 @@ from collections.abc import Callable
 
 import torch
 
-from tlb_rl.config import apply_overrides
-from tlb_rl.cores import CORES, Core, compile_core, make_core
+from tlb_rl.cores import CORES, Core, compile_core, make_core, parse_core_spec
+from tlb_rl.errors import UserError
 
 INPUT_DIM = 128
 TRAIN_B, TRAIN_T = 16, 128
@@ -116,16 +116,9 @@ def act_case(core: Core, seed: int) -> Callable[[], None]:
     return run
 
 
-def parse(spec: str) -> tuple[str, dict, bool]:
-    """``NAME[:key=value...]`` -> the core's name, its hyperparameters, and whether ``compile=true`` is among them."""
-    name, *options = spec.split(":")
-    hyperparameters = apply_overrides({}, options)
-    return name, hyperparameters, bool(hyperparameters.pop("compile", False))
-
-
 def build(spec: str, device: torch.device) -> Core:
     """A core from ``NAME[:key=value...]`` at input width INPUT_DIM on ``device``."""
-    name, hyperparameters, compiled = parse(spec)
+    name, hyperparameters, compiled = parse_core_spec(spec)
     core = make_core(name, INPUT_DIM, **hyperparameters).to(device)
     if compiled:
         compile_core(core, name)
@@ -145,7 +138,7 @@ def baseline_cores(path: str, current: dict[str, Core]) -> dict[str, Core]:
     module_spec.loader.exec_module(module)
     found = {}
     for spec, core in current.items():
-        name, hyperparameters, compiled = parse(spec)
+        name, hyperparameters, compiled = parse_core_spec(spec)
         cls = getattr(module, type(core).__name__, None)
         if isinstance(cls, type) and issubclass(cls, Core):
             cell = {"cell": name} if name in ("lstm", "gru") else {}
@@ -184,9 +177,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shape", default=f"{TRAIN_B}x{TRAIN_T}", help="fwd+bwd batch x time (default %(default)s)")
     args = parser.parse_args(argv)
     specs = args.cores.split(",")
-    unknown = sorted({s.split(":")[0] for s in specs} - set(CORES))
-    if unknown:
-        parser.error(f"unknown core(s) {', '.join(unknown)}; known: {', '.join(CORES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -197,7 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     random_starts = torch.rand(B, T, generator=gen) < START_RATE
     no_starts = torch.zeros(B, T, dtype=torch.bool)
 
-    cores = {spec: build(spec, device) for spec in specs}
+    try:
+        cores = {spec: build(spec, device) for spec in specs}
+    except UserError as e:
+        parser.error(str(e))
     baselines = baseline_cores(args.baseline_file, cores) if args.baseline_file else {}
     if "tlb" in cores:
         lstm_h = lstm_hidden_matching(n_params(cores["tlb"]))

@@ -20,8 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tlb_rl.config import apply_overrides
-from tlb_rl.cores import Core, make_core
+from tlb_rl.cores import Core, make_core, parse_core_spec
 
 INPUT_DIM = 128
 
@@ -52,8 +51,10 @@ def timed(run: Callable[[], None], repeats: int) -> float:
 
 
 def measure(spec: str, B: int, T: int, repeats: int) -> dict[str, float]:
-    name, *options = spec.split(":")
-    core = make_core(name, INPUT_DIM, **apply_overrides({}, options)).cuda()
+    name, hyperparameters, compiled = parse_core_spec(spec)
+    if compiled:
+        raise SystemExit(f"{spec}: this benchmark captures the eager core as a CUDA graph; drop compile=true")
+    core = make_core(name, INPUT_DIM, **hyperparameters).cuda()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B, T, INPUT_DIM, generator=gen).cuda()
     starts = (torch.rand(B, T, generator=gen) < 1 / 30).cuda()

@@ -33,8 +33,8 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tlb_rl.config import apply_overrides
-from tlb_rl.cores import CORES, Core, make_core
+from tlb_rl.cores import CORES, Core, make_core, parse_core_spec
+from tlb_rl.errors import UserError
 
 INPUT_DIM = 128
 TRAIN_B, TRAIN_T = 2, 128
@@ -88,11 +88,7 @@ def acting(core: Core) -> Callable[[], None]:
 
 
 def build(spec: str) -> Core:
-    name, *options = spec.split(":")
-    if name not in CORES:
-        raise SystemExit(f"unknown core '{name}'; known: {', '.join(CORES)}")
-    hyperparameters = apply_overrides({}, options)
-    compiled = bool(hyperparameters.pop("compile", False))
+    name, hyperparameters, compiled = parse_core_spec(spec)
     core = make_core(name, INPUT_DIM, **hyperparameters)
     if compiled:
         if not core.compilable:
@@ -109,6 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json-out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    try:
+        cores = {spec: build(spec).train() for spec in args.cores.split(",")}
+    except UserError as e:
+        parser.error(str(e))
     gen = torch.Generator().manual_seed(1)
     starts = {k: torch.rand(TRAIN_B, TRAIN_T, generator=gen) < p for k, p in START_RATES.items()}
     result: dict = {
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "cores": {},
     }
-    for spec in args.cores.split(","):
-        core = build(spec).train()
+    for spec, core in cores.items():
         row = {}
         for case, s in starts.items():
             row[f"fwd_bwd_{case}"], row[f"fwd_bwd_{case}_top_level"] = count_ops(train_pass(core, s))

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import gymnasium as gym
 import torch
 
-from tlb_rl.config import apply_overrides
+from tlb_rl.cores import parse_core_spec
 
 ENV_ID = "MiniGrid-MemoryS7-v0"
 SETTINGS = {"n_envs": 8, "n_steps": 128, "batch_size": 256, "n_epochs": 4}
@@ -74,9 +74,7 @@ def _our_trainer(
     """
     from agents import PPO
 
-    core, *options = spec.split(":")
-    core_kwargs = apply_overrides({}, options)
-    compiled = bool(core_kwargs.pop("compile", False))
+    core, core_kwargs, compiled = parse_core_spec(spec)
 
     def record(model: PPO, metrics: dict[str, float]) -> None:
         split["rollout_s"] = split.get("rollout_s", 0.0) + metrics["time/rollout_s"]

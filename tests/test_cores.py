@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tlb_rl.cores.tlb as tlb_module
-from tlb_rl.cores import CORES, Core, State, make_core
+from tlb_rl.cores import CORES, Core, State, make_core, parse_core_spec
 from tlb_rl.errors import UserError
 
 IN = 5  # input width of every core built here
@@ -284,6 +284,19 @@ def test_bad_input_shapes_raise_value_error(config):
         core(torch.zeros(2, 3, IN), state, torch.zeros(2, 4, dtype=torch.bool))  # starts of another length
     with pytest.raises(ValueError):
         core(torch.zeros(2, 3, IN), state, torch.zeros(2, dtype=torch.bool))  # starts without time
+
+
+def test_core_specs_of_the_benchmarks_command_lines():
+    assert parse_core_spec("lstm") == ("lstm", {}, False)
+    assert parse_core_spec("tlb:chunk_size=8:slow_update=parallel:compile=true") == (
+        "tlb",
+        {"chunk_size": 8, "slow_update": "parallel"},
+        True,
+    )
+    with pytest.raises(UserError, match="unknown core 'lsmt' in 'lsmt:hidden_size=8'"):
+        parse_core_spec("lsmt:hidden_size=8")
+    with pytest.raises(UserError, match="must look like key=value"):
+        parse_core_spec("tlb:chunk_size")
 
 
 def test_unknown_core_name_is_a_user_error():

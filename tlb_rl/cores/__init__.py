@@ -62,6 +62,21 @@ def make_core(name: str, input_dim: int, **hyperparameters: object) -> Core:
         raise UserError(f"core '{name}': {e}") from None
 
 
+def parse_core_spec(spec: str) -> tuple[str, dict[str, object], bool]:
+    """``NAME[:key=value...]``, as the benchmarks take cores on their command lines, -> the core's name, its
+    hyperparameters (values read as YAML, as config overrides are) and whether ``compile=true`` is among them.
+
+    :raises UserError: for an unknown name or a malformed ``key=value``.
+    """
+    from tlb_rl.config import apply_overrides
+
+    name, *options = spec.split(":")
+    if name not in CORES:
+        raise UserError(f"unknown core '{name}' in '{spec}'; known cores: {', '.join(CORES)}")
+    hyperparameters = apply_overrides({}, options)
+    return name, hyperparameters, bool(hyperparameters.pop("compile", False))
+
+
 def compile_core(core: Core, name: str) -> None:
     """Compile ``core`` (registered as ``name``) in place with ``torch.compile``: an agent's ``compile=True``.
     Each input shape and grad mode is compiled on its first call (PPO: acting, training, evaluation).
