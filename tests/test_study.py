@@ -106,6 +106,7 @@ def test_report_statistics_on_synthetic_curves_match_hand_computation():
             for c, f in zip(curves, finals, strict=True)
         ]
     )
+    cell.runs[0].last_eval = 200.0  # stopped early: from there on its curve holds its last value
     out = report_mod.summarize_cell(cell, grid, 0.9, 400)
     assert out["frames_to_threshold"]["per_run"] == [100, 200, 300, 400]
     assert out["frames_to_threshold"]["censored"] == [False, False, False, True]
@@ -131,6 +132,7 @@ def test_report_statistics_on_synthetic_curves_match_hand_computation():
         }
     )
     assert "| r | 4 | >= 250 [" in md and "| 3/4 |" in md and "Censored at the budget (400): r (1)" in md
+    assert out["stopped_early"] == {0: 200.0} and "Stopped before the budget (early stop): r s0 at 200." in md
     assert "## Final success by env" not in md  # one env: the table above says it all
 
 

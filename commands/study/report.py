@@ -9,6 +9,7 @@ checkpoint on the held-out evaluation seeds), area under the curve, wall-clock a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ class RunData:
     wall_s: float
     steps_per_s: float
     """Median of the per-update training throughput (evaluations excluded)."""
+    last_eval: float = math.inf
+    """Frames of the run's last validation evaluation (inf: not known, taken as the budget)."""
 
 
 @dataclass
@@ -85,6 +88,7 @@ def load_run(study_dir: Path, spec: RunSpec, grid: np.ndarray, env: EnvEntry) ->
         final_seeds=list(final.get("seeds", [])),
         wall_s=float(record["wall_s"]),
         steps_per_s=float(np.median(fps)) if fps else float("nan"),
+        last_eval=float(frames[-1]),
     )
 
 
@@ -110,6 +114,9 @@ def summarize_cell(cell: Cell, grid: np.ndarray, threshold: float, budget: int) 
         return out
     curves = np.stack([r.curve for r in cell.runs])
     reached = [stats.frames_to_threshold(grid, c, threshold, budget) for c in curves]
+    # Stopped early (patience, target_success): its last evaluation lies an interval or more before the budget.
+    # (A BC run that trained to its budget logs a little under it: its frames skip the batch's padding.)
+    early = {r.spec.seed: r.last_eval for r in cell.runs if r.last_eval + grid[0] <= budget}
     frames = np.array([f for f, _ in reached])
     mean, low, high = stats.iqm_curve(curves)
     out.update(
@@ -127,6 +134,7 @@ def summarize_cell(cell: Cell, grid: np.ndarray, threshold: float, budget: int) 
             **stats.iqm_estimate(np.array([stats.area_under_curve(c) for c in curves])).as_dict(),
             "per_run": [stats.area_under_curve(c) for c in curves],
         },
+        stopped_early=early,
         wall_s_mean=float(np.mean([r.wall_s for r in cell.runs])),
         steps_per_s_mean=float(np.nanmean([r.steps_per_s for r in cell.runs])),
         curve={"iqm": mean.tolist(), "ci_low": low.tolist(), "ci_high": high.tolist()},
@@ -295,6 +303,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         if censored:
             lines += ["", f"Censored at the budget ({_frames(env['budget'])}): {', '.join(censored)} run(s)."]
+        early = [
+            f"{row} s{seed} at {_frames(f)}"
+            for row, c in env["rows"].items()
+            for seed, f in (c.get("stopped_early") or {}).items()
+        ]
+        if early:
+            lines += [
+                "",
+                f"Stopped before the budget (early stop): {', '.join(early)}. Each keeps its last validation value "
+                "from there to the budget, in its curve and its AUC.",
+            ]
         lines.append("")
     if len(report["envs"]) > 1:
         lines += _by_env_table(report)
