@@ -13,6 +13,11 @@ An episode is L + 1 steps and nothing but memory of step 0 beats guessing (0.5).
 the agent walks instead: action 2 steps forward, 0 and 1 move it only at the junction, and an episode
 that has not chosen after ``max_steps`` is truncated with reward 0.
 
+With ``swap=True`` the junction also shows a fourth observation entry, a coin flipped each episode: when it
+is 1 the arms are swapped (the cued side is reached with the other action). The right action is then the
+cue XOR what is in view, as in MiniGrid's Memory envs, where the turn depends on the cue and on which side
+its match lies: neither the memory nor the view alone beats guessing.
+
 This file is written the way a user writes a plug-in: a ``gymnasium.Env`` subclass whose constructor
 takes keyword options, registered in ``pyproject.toml``::
 
@@ -34,37 +39,47 @@ UP, DOWN, FORWARD = 0, 1, 2
 
 
 class TMazeEnv(gym.Env[np.ndarray, np.int64]):
-    """Passive (or active) T-maze; the observation is ``[cue_up, cue_down, at_junction]`` in {0, 1}.
+    """Passive (or active) T-maze; the observation is ``[cue_up, cue_down, at_junction]`` in {0, 1}, and with
+    ``swap=True`` also ``swapped`` (shown at the junction only).
 
     :param corridor_length: L, the steps between the cue and the junction (the memory length), >= 0.
     :param active: the agent must walk the corridor with action 2 instead of being carried.
     :param max_steps: time limit of the active variant; default 2 * (L + 1). Ignored when passive.
+    :param swap: arms swapped in half the episodes, which the junction shows: the choice is cue XOR swap.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
-    def __init__(self, corridor_length: int = 10, active: bool = False, max_steps: int | None = None):
+    def __init__(
+        self, corridor_length: int = 10, active: bool = False, max_steps: int | None = None, swap: bool = False
+    ):
         if corridor_length < 0:
             raise ValueError(f"corridor_length must be >= 0, got {corridor_length}")
         self.corridor_length = corridor_length
         self.active = active
         self.max_steps = max_steps if max_steps is not None else 2 * (corridor_length + 1)
-        self.observation_space = spaces.Box(0.0, 1.0, shape=(3,), dtype=np.float32)
+        self.swap = swap
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(4 if swap else 3,), dtype=np.float32)
         self.action_space = spaces.Discrete(3 if active else 2)
         self._cue = UP
+        self._swapped = 0
         self._position = 0
         self._steps = 0
 
     def _observation(self) -> np.ndarray:
-        obs = np.zeros(3, dtype=np.float32)
+        obs = np.zeros(self.observation_space.shape, dtype=np.float32)
         if self._steps == 0:
             obs[self._cue] = 1.0
-        obs[2] = float(self._position == self.corridor_length)
+        at_junction = self._position == self.corridor_length
+        obs[2] = float(at_junction)
+        if self.swap and at_junction:
+            obs[3] = float(self._swapped)
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self._cue = int(self.np_random.integers(2))
+        self._swapped = int(self.np_random.integers(2)) if self.swap else 0  # drawn only then: seeds keep their cues
         self._position = 0
         self._steps = 0
         return self._observation(), {"cue": self._cue}
@@ -73,7 +88,7 @@ class TMazeEnv(gym.Env[np.ndarray, np.int64]):
         action = int(action)
         self._steps += 1
         if self._position == self.corridor_length and action in (UP, DOWN):
-            success = action == self._cue
+            success = action == self._cue ^ self._swapped
             return self._observation(), float(success), True, False, {"is_success": success, "cue": self._cue}
         if not self.active or action == FORWARD:
             self._position = min(self._position + 1, self.corridor_length)

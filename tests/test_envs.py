@@ -297,6 +297,29 @@ def test_passive_tmaze_shows_the_cue_only_first_and_pays_only_memory() -> None:
     assert 70 < wins < 130
 
 
+def test_swapped_tmaze_pays_the_cue_xor_the_view_at_the_junction() -> None:
+    env = TMazeEnv(corridor_length=4, swap=True)
+    swapped = []
+    for s in range(200):
+        obs, _ = env.reset(seed=s)
+        assert obs.shape == (4,) and obs[3] == 0  # the swap is in view at the junction only
+        seen: list[float] = []
+
+        def cue_xor_view(cue: int, obs: np.ndarray, seen: list[float] = seen) -> int:
+            seen.append(float(obs[3]))
+            return cue ^ int(obs[3])
+
+        assert play_tmaze(env, s, cue_xor_view) == (1.0, 5)
+        assert seen[:-1] == [0.0] * 4
+        swapped.append(seen[-1])
+    assert 70 < sum(swapped) < 130
+    # Memory alone (the cue) or the view alone (the swap) wins about half the time.
+    for choose in (lambda cue, obs: cue, lambda cue, obs: int(obs[3])):
+        wins = sum(play_tmaze(env, s, choose)[0] for s in range(200))
+        assert 70 < wins < 130
+    assert TMazeEnv(corridor_length=4).reset(seed=3)[0].shape == (3,)
+
+
 def test_active_tmaze_needs_walking_and_times_out() -> None:
     env = TMazeEnv(corridor_length=3, active=True)
     assert play_tmaze(env, 0, lambda cue, obs: cue if obs[2] else 2) == (1.0, 4)
