@@ -10,7 +10,9 @@ Episodes run step by step as in evaluation (held-out seeds), and every step keep
   step of the chunk and how far its gate opened.
 
 From these, :func:`linear_probe` answers "does the memory hold the cue after L steps?" with a number per
-step, and :func:`principal_components` gives the memory's trajectory; ``inspect_figures`` draws them.
+step, :func:`chunk_split` how a TLB policy does when an episode crosses a chunk boundary (where all it
+carries passes through the slow vectors), and :func:`principal_components` gives the memory's trajectory;
+``inspect_figures`` draws them.
 """
 
 from __future__ import annotations
@@ -225,6 +227,28 @@ def linear_probe(episodes: list[Episode], penalty: float = PROBE_PENALTY, min_ep
         "last": score([(e.memory[-1], e.labels[-1]) for e in labelled]),
         "episodes": len(labelled),
         "penalty": penalty,
+    }
+
+
+def chunk_split(episodes: list[Episode]) -> dict[str, dict[str, float | int | None]] | None:
+    """Success of a TLB policy's episodes that lie inside one chunk of its step clock, and of those that cross a
+    chunk boundary (None for other cores).
+
+    Inside one chunk, a step reaches every earlier step of its episode through the fast attention; across a
+    boundary, what the episode's later steps need from before it reaches them through the slow vectors only. A
+    policy that wins the first and loses the second has not learned its slow path (docs/results.md, the T-maze
+    with swapped arms). An episode crosses when a chunk completes before its last step. A group without
+    episodes has a success rate of None.
+    """
+    if not episodes or episodes[0].reads is None:
+        return None
+    groups: dict[str, list[bool]] = {"inside_one_chunk": [], "across_chunks": []}
+    for e in episodes:
+        crosses = any(t < len(e.memory) - 1 for t in e.chunk_ends)
+        groups["across_chunks" if crosses else "inside_one_chunk"].append(e.success)
+    return {
+        name: {"episodes": len(wins), "success_rate": float(np.mean(wins)) if wins else None}
+        for name, wins in groups.items()
     }
 
 

@@ -117,7 +117,7 @@ def _export(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from agents.inspect import PROBE_PENALTY, linear_probe
+    from agents.inspect import PROBE_PENALTY, chunk_split, linear_probe
     from agents.inspect_figures import episode_figure, episode_gif, pca_figure, probe_figure
 
     checkpoint = _find_checkpoint(args.path, args.checkpoint)
@@ -138,6 +138,15 @@ def _inspect(args: argparse.Namespace) -> None:
         "memory_size": int(episodes[0].memory.shape[1]),
         "mean_change_per_step": float(np.mean(np.concatenate([e.change for e in episodes]))),
     }
+    split = chunk_split(episodes)
+    if split is not None:
+        summary["chunks"] = split
+        rates = {k: "n/a" if v["success_rate"] is None else f"{v['success_rate']:.2f}" for k, v in split.items()}
+        print(
+            f"success {rates['inside_one_chunk']} in the {split['inside_one_chunk']['episodes']} episodes inside one "
+            f"chunk, {rates['across_chunks']} in the {split['across_chunks']['episodes']} across a chunk boundary "
+            "(there the slow vectors carry what the episode's later steps need)"
+        )
     if args.probe:
         probe = linear_probe(episodes, PROBE_PENALTY if args.probe_penalty is None else args.probe_penalty)
         summary["probe"] = {"key": args.probe, **probe}

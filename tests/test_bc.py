@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from run_files import metrics_by_frames
 
 from agents.bc import BC, pack_episodes
 from agents.dataset import DATA_FILE, load_demos
@@ -85,12 +86,6 @@ def test_run_dir_and_checkpoint_contract(overfit_run) -> None:
     policy.load_state_dict(data["policy"])
 
 
-def _metrics(run_dir) -> dict[int, dict[str, float]]:
-    """Rows of metrics.jsonl by frame count, without the wall-clock timings (which never repeat)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {int(r["frames"]): {k: v for k, v in r.items() if not k.startswith("time/")} for r in rows}
-
-
 def test_interrupted_and_resumed_bc_equals_the_uninterrupted_run(demos_dir, tmp_path, capsys) -> None:
     """Stopped after every evaluation (mid-epoch and at an epoch's end) and resumed from the checkpoint each
     time, the last leg by ``tlb-rl train --resume``: the same metrics and weights as one run."""
@@ -117,7 +112,7 @@ def test_interrupted_and_resumed_bc_equals_the_uninterrupted_run(demos_dir, tmp_
     main(["train", "--resume", str(tmp_path / "part"), "--no-progress"])
     assert "resuming" in capsys.readouterr().err
 
-    a, b = _metrics(tmp_path / "whole"), _metrics(tmp_path / "part")
+    a, b = metrics_by_frames(tmp_path / "whole"), metrics_by_frames(tmp_path / "part")
     assert sorted(a) == sorted(b) and len(a) == 10
     for frames in sorted(a):
         assert a[frames] == b[frames], f"metrics differ at {frames} frames"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agents import PPO
-from agents.inspect import Episode, _label, _ridge_r2, linear_probe, principal_components
+from agents.inspect import Episode, _label, _ridge_r2, chunk_split, linear_probe, principal_components
 from commands.cli import main
 from tlb_rl.cores import make_core
 from tlb_rl.cores.record import recording
@@ -99,6 +99,7 @@ def test_cli_inspect_writes_figures_and_the_probe(tmp_path, capsys):
     main(["inspect", str(TMAZE), "--probe", "cue", "--episodes", "16", "--figures", "2", "--out", str(out)])
     summary = json.loads((out / "inspect.json").read_text())
     assert summary["episodes"] == 16 and summary["probe"]["key"] == "cue" and summary["probe"]["last"] > 0.8
+    assert summary["chunks"]["across_chunks"]["episodes"] == 16  # 101 steps: every episode crosses
     assert len(summary["probe"]["r2"]) == len(summary["probe"]["steps"]) > 90
     assert sorted(p.name for p in out.glob("*.png")) == [
         "episode_seed1000000.png",
@@ -144,3 +145,17 @@ def test_cli_inspect_refuses_bad_numbers(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", str(TMAZE), *flag])
     assert exit_info.value.code == 2
+
+
+def test_chunk_split_counts_the_episodes_that_cross_a_chunk_boundary():
+    """Corridor 2: episodes of 3 steps back to back on each env's clock, so episode j starts at step 3j; with
+    K = 16 it crosses a boundary when 3j mod 16 is 14 or 15: 2 of every 16 episodes."""
+    model = PPO("tmaze", core="tlb", core_kwargs={"d_model": 16, "n_heads": 2}, env_kwargs={"corridor_length": 2})
+    episodes = model.inspect(8 * 16)
+    assert {len(e.memory) for e in episodes} == {3}
+    split = chunk_split(episodes)
+    assert split["inside_one_chunk"]["episodes"] == 8 * 14 and split["across_chunks"]["episodes"] == 8 * 2
+    across = [e for e in episodes if any(t < 2 for t in e.chunk_ends)]
+    assert split["across_chunks"]["success_rate"] == np.mean([e.success for e in across])
+    lstm = PPO("tmaze", core="lstm", core_kwargs={"hidden_size": 8}, env_kwargs={"corridor_length": 2})
+    assert chunk_split(lstm.inspect(4)) is None

@@ -6,7 +6,6 @@ checkpoint on disk, never a duration, so a slow machine makes them slower, not f
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from cli_process import tlb_rl, wait_for
+from run_files import metrics_by_frames
 
 from agents import PPO
 from commands.cli import main
@@ -42,12 +42,6 @@ CLI_TINY = [
     *(f"core_kwargs.{k}={v}" for k, v in TLB_SMALL.items()),
     "env_kwargs.max_episode_steps=20",
 ]
-
-
-def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Rows of metrics.jsonl by frame count, without the wall-clock timings (which never repeat)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {int(r["frames"]): {k: v for k, v in r.items() if not k.startswith("time/")} for r in rows}
 
 
 def _run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -123,7 +117,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     resumed.learn(progress=False)
     resumed.close()
 
-    a, b = _metrics(tmp_path / "whole"), _metrics(tmp_path / "part")
+    a, b = metrics_by_frames(tmp_path / "whole"), metrics_by_frames(tmp_path / "part")
     assert sorted(a) == sorted(b) == [32 * i for i in range(1, 7)]
     for frames in sorted(a):
         assert a[frames] == b[frames], f"metrics differ at {frames} frames"
@@ -156,7 +150,7 @@ def test_ctrl_c_saves_an_exact_checkpoint_and_resume_continues_the_run(tmp_path,
     assert proc.returncode == 130, err
     assert f"tlb-rl train --resume {tmp_path / 'run'}" in err and "Traceback" not in err
     stopped = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["progress"]["frames"]
-    assert max(_metrics(tmp_path / "run")) == stopped, "the checkpoint holds the last logged update"
+    assert max(metrics_by_frames(tmp_path / "run")) == stopped, "the checkpoint holds the last logged update"
 
     end = stopped + 3 * 32
     code, err = _run_cli(["train", "--resume", str(tmp_path / "run"), "--no-progress", f"total_frames={end}"], capsys)
@@ -166,7 +160,7 @@ def test_ctrl_c_saves_an_exact_checkpoint_and_resume_continues_the_run(tmp_path,
         capsys,
     )
     assert code == 0, err
-    a, b = _metrics(tmp_path / "whole"), _metrics(tmp_path / "run")
+    a, b = metrics_by_frames(tmp_path / "whole"), metrics_by_frames(tmp_path / "run")
     assert sorted(a) == sorted(b)
     for frames in sorted(a):
         assert a[frames] == b[frames], f"metrics differ at {frames} frames"
