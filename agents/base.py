@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -57,9 +57,10 @@ class AgentConfig:
     core: str = "tlb"
     """Memory core: tlb, lstm, gru, transformer, brsm, none."""
     core_kwargs: dict = field(default_factory=dict)
-    """Hyperparameters of the core (see ``tlb_rl.cores``)."""
+    """Hyperparameters of the core (see ``tlb_rl.cores``). The model's config, its ``config.json`` and its
+    checkpoints hold every one, defaults included, so a saved run keeps its network when a default changes."""
     encoder_kwargs: dict = field(default_factory=dict)
-    """Options of the observation encoder."""
+    """Options of the observation encoder (held in full, like ``core_kwargs``)."""
     seed: int = 0
     """Seeds torch and the agent's sampling and shuffling (and for PPO the envs: env i gets seed + i)."""
     device: str = "auto"
@@ -173,6 +174,7 @@ class Agent:
         self.observation_space, self.action_space = spaces
         torch.manual_seed(cfg.seed)
         self.policy = SequencePolicy(*spaces, cfg.core, cfg.core_kwargs, cfg.encoder_kwargs).to(self.device)
+        self.config = cfg = replace(cfg, core_kwargs=self.policy.core_kwargs, encoder_kwargs=self.policy.encoder_kwargs)
         if cfg.compile:
             compile_core(self.policy.core, cfg.core)
         # fused: one kernel per parameter instead of ~10 small ops (3.0 -> 0.7 ms per step for TLB-PPO on CPU)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -282,6 +284,28 @@ def test_checkpoints_saved_before_the_shared_agent_class_still_load(tmp_path):
     save_checkpoint(data, tmp_path / "old.pt")
     old = PPO.load(tmp_path / "old.pt")
     assert (old.frames, old.updates, old.best_score, old.stale_evals) == (640, 20, (0.75,), 0)
+
+
+def test_a_checkpoint_loads_into_the_network_it_was_saved_from_after_a_default_changes(tmp_path, monkeypatch):
+    from tlb_rl.checkpoint import load_checkpoint
+    from tlb_rl.cores.tlb import TLBCore
+
+    model = PPO("tmaze", core="tlb", core_kwargs={"d_model": 16, "n_heads": 2}, encoder_kwargs={"hidden_dim": 32})
+    model.save(tmp_path / "m.pt")
+    saved = load_checkpoint(tmp_path / "m.pt")["config"]
+    assert saved["core_kwargs"]["cross_every"] == 2 and saved["core_kwargs"]["d_model"] == 16
+    assert saved["encoder_kwargs"]["norm"] is False and saved["encoder_kwargs"]["hidden_dim"] == 32
+    assert model.config.core_kwargs == saved["core_kwargs"]
+
+    with_defaults = list(inspect.signature(TLBCore).parameters)[1:]  # all but input_dim
+    patched = list(TLBCore.__init__.__defaults__)
+    patched[with_defaults.index("cross_every")] = 1  # the slow vectors read after every layer: more weights
+    monkeypatch.setattr(TLBCore.__init__, "__defaults__", tuple(patched))
+    fresh = PPO("tmaze", core="tlb", core_kwargs={"d_model": 16, "n_heads": 2}, encoder_kwargs={"hidden_dim": 32})
+    assert fresh.config.core_kwargs["cross_every"] == 1
+    loaded = PPO.load(tmp_path / "m.pt")
+    assert loaded.config.core_kwargs["cross_every"] == 2
+    assert loaded.policy.state_dict().keys() == model.policy.state_dict().keys() != fresh.policy.state_dict().keys()
 
 
 def test_patience_counts_evaluations_without_a_better_measure_whatever_the_tiebreak(tmp_path, monkeypatch):

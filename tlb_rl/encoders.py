@@ -328,13 +328,7 @@ def _encoder_for(space: spaces.Space, config: EncoderConfig, text: bool = False)
     raise UserError(f"observation space {space} is not supported; supported: {SUPPORTED_SPACES}{hint}")
 
 
-def make_encoder(observation_space: spaces.Space, **kwargs: object) -> Encoder:
-    """The encoder for ``observation_space`` (see the module docstring); its width is ``.output_dim``.
-
-    :param observation_space: the space of one observation (a vector env's ``single_observation_space``).
-    :param kwargs: fields of :class:`EncoderConfig`.
-    :raises UserError: for an unsupported space or an unknown or invalid option.
-    """
+def _encoder_config(**kwargs: object) -> EncoderConfig:
     known = [f.name for f in fields(EncoderConfig)]
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
@@ -344,6 +338,26 @@ def make_encoder(observation_space: spaces.Space, **kwargs: object) -> Encoder:
     config = EncoderConfig(**kwargs)
     if config.text not in ("gru", "bow"):
         raise UserError(f"encoder option text must be 'gru' or 'bow', got {config.text!r}")
+    return config
+
+
+def encoder_options(**kwargs: object) -> dict[str, object]:
+    """Every encoder option with its value: ``kwargs`` over the defaults, as a config stores them.
+
+    :raises UserError: for an unknown or invalid option.
+    """
+    config = _encoder_config(**kwargs)
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v for f in fields(config)}
+
+
+def make_encoder(observation_space: spaces.Space, **kwargs: object) -> Encoder:
+    """The encoder for ``observation_space`` (see the module docstring); its width is ``.output_dim``.
+
+    :param observation_space: the space of one observation (a vector env's ``single_observation_space``).
+    :param kwargs: fields of :class:`EncoderConfig`.
+    :raises UserError: for an unsupported space or an unknown or invalid option.
+    """
+    config = _encoder_config(**kwargs)
     encoder = _encoder_for(observation_space, config)
     return NormalisedEncoder(encoder) if config.norm else encoder
 

@@ -9,9 +9,9 @@ import gymnasium as gym
 import torch
 from torch import nn
 
-from tlb_rl.cores import State, make_core
+from tlb_rl.cores import State, core_hyperparameters, make_core
 from tlb_rl.distributions import make_action_head
-from tlb_rl.encoders import Observation, make_encoder
+from tlb_rl.encoders import Observation, encoder_options, make_encoder
 
 Obs = Observation  # a batch: a tensor, or a dict of tensors for Dict spaces
 
@@ -50,6 +50,10 @@ class SequencePolicy(nn.Module):
         self.encoder = make_encoder(observation_space, **(encoder_kwargs or {}))
         self.core = make_core(core, self.encoder.output_dim, **(core_kwargs or {}))
         self.actor = make_action_head(action_space, self.core.output_dim)
+        # Every option with its value, defaults included, for configs and checkpoints: a run saved today
+        # loads into the same network after a default changes.
+        self.core_kwargs = {**core_hyperparameters(core), **(core_kwargs or {})}
+        self.encoder_kwargs = encoder_options(**(encoder_kwargs or {}))
         self.critic = _orthogonal(nn.Linear(self.core.output_dim, 1), 1.0)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
