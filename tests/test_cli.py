@@ -16,6 +16,7 @@ from commands.cli import main
 from commands.study.config import expand, load_study
 from tlb_rl.config import from_dict, load_yaml
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "env=tmaze",
     "env_kwargs.corridor_length=3",
@@ -98,6 +99,7 @@ def test_train_writes_a_complete_run_directory_and_eval_reads_it(tmp_path, capsy
         (["eval", "no/such/run"], "no checkpoint at"),
         (["train", "--algo", "sac", "env=tmaze"], "unknown algorithm 'sac'; known: ppo, bc"),
         (["train", "--algo", "bc", "patiense=2"], "unknown BC key 'patiense' (did you mean 'patience'?)"),
+        (["compare", "--config", str(REPO / "configs/compare/quick.yaml"), "seed=1"], "unknown study key 'seed'"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, message, capsys):
@@ -143,9 +145,6 @@ def test_console_script_lists_commands_and_envs():
         [sys.executable, "-m", "commands.cli", "envs"], capture_output=True, text=True, check=True
     ).stdout
     assert "MiniGrid-MemoryS7-v0" in listing and "tmaze" in listing
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -240,6 +240,41 @@ def test_an_agent_can_run_with_some_cores_only(tmp_path):
         load_study(write_config(tmp_path, {**TINY_STUDY, "agents": [{"name": "ppo", "cores": ["gru"]}]}))
 
 
+def test_a_study_extends_another_and_takes_overrides(tmp_path):
+    from commands.study.config import expand, study_source
+
+    base = write_config(tmp_path, TINY_STUDY, "base.yaml")
+    (tmp_path / "sub").mkdir()
+    child = {
+        "extends": "../base.yaml",  # relative to the child's directory, not the working directory
+        "seeds": [5],
+        "ppo": {"n_epochs": 2},
+        "agents": [{"name": "fast", "cores": ["tlb"], "overrides": {"learning_rate": 0.01}}],
+    }
+    path = write_config(tmp_path / "sub", child, "child.yaml")
+    study = load_study(path)
+    assert study.name == "child"  # its own, not the base's "tiny"
+    ((run,),) = [expand(study)]  # seeds and agents replaced whole, so one run
+    assert run.run_id == "tmaze-L3/tlb-fast/s5"
+    assert (run.config["n_epochs"], run.config["n_steps"], run.config["learning_rate"]) == (2, 128, 0.01)
+    assert load_study(base).name == "tiny"
+
+    overridden = load_study(path, overrides=["seeds=[1,2]", "ppo.n_steps=64", "name=other"])
+    assert (overridden.name, overridden.seeds, overridden.ppo["n_steps"]) == ("other", [1, 2], 64)
+    # The study directory keeps what the config resolves to, so it does not need the base file later.
+    saved = yaml.safe_load(study_source(path, ["seeds=[1,2]"]))
+    assert "extends" not in saved and saved["seeds"] == [1, 2] and saved["envs"] == TINY_STUDY["envs"]
+    assert study_source(base) == base.read_text()
+
+    with pytest.raises(UserError, match="unknown study key 'seed'"):
+        load_study(path, overrides=["seed=1"])
+    write_config(tmp_path, {**TINY_STUDY, "extends": "sub/child.yaml"}, "base.yaml")
+    with pytest.raises(UserError, match="leads back to itself"):
+        load_study(path)
+    with pytest.raises(UserError, match="config file not found"):
+        load_study(write_config(tmp_path, {"extends": "nowhere.yaml"}, "lost.yaml"))
+
+
 def test_init_from_names_each_cells_own_checkpoint(tmp_path):
     from commands.study.config import expand
 

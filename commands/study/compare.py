@@ -16,15 +16,21 @@ STUDIES_DIR = Path("studies")
 
 
 def compare(
-    config: str, backend: str = "local", workers: int = 1, address: str | None = None, out: str | None = None
+    config: str,
+    backend: str = "local",
+    workers: int = 1,
+    address: str | None = None,
+    out: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> Path:
-    """Run (or resume) the study of ``config`` and write its report; returns the study directory.
+    """Run (or resume) the study of ``config`` (with ``key=value`` ``overrides``) and write its report; returns
+    the study directory.
 
     :raises TrainingError: when runs failed twice (the report is written anyway, without them).
     :raises SystemExit: 130 when the user interrupted the study, or when runs were stopped by a signal (the
         report is written first, without them; this takes precedence over failed runs, which are listed too).
     """
-    study = load_study(config)
+    study = load_study(config, overrides=overrides)
     study_dir = Path(out) if out else STUDIES_DIR / study.name
     try:
         outcomes = run_study(
@@ -35,12 +41,18 @@ def compare(
             workers=workers,
             address=address,
             log=lambda line: print(line, file=sys.stderr, flush=True),
+            overrides=overrides,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted; the same command resumes the study in {study_dir}", file=sys.stderr)
         sys.exit(130)
     command = " ".join(
-        ["tlb-rl compare --config", shlex.quote(config), *([f"--out {shlex.quote(out)}"] if out else [])]
+        [
+            "tlb-rl compare --config",
+            shlex.quote(config),
+            *([f"--out {shlex.quote(out)}"] if out else []),
+            *map(shlex.quote, overrides),
+        ]
     )
     (study_dir / "study_meta.json").write_text(json.dumps({"command": command}, indent=2) + "\n")
     report_path = write_report(study_dir)

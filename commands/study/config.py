@@ -18,6 +18,11 @@
         ppo: {n_steps: 132, batch_size: 264}   # per-env PPO keys (e.g. a rollout that holds whole episodes)
         bc: {dataset: demos/tmaze-L10}          # per-env BC keys: where `tlb-rl demos` wrote the demonstrations
 
+A config may start from another: ``extends: other.yaml`` (a path relative to the config's own directory) takes
+every key of that study, the config's own keys winning (mappings such as ``ppo`` merge key by key; lists such as
+``envs``, ``agents`` and ``seeds`` are replaced whole); ``name`` is never inherited. ``tlb-rl compare`` also takes
+``key=value`` overrides after the config (``seeds=[3,4]``, ``ppo.torch_threads=2``), applied last.
+
 A run's config is, later entries winning: the agent's ``config`` file, the study's section for its algorithm
 (``ppo`` or ``bc``), the env's section, the agent's ``overrides``, then what the grid fixes (env, env_kwargs,
 core, core_kwargs, seed) and the env's budget in the algorithm's own keys (``Agent.budget_keys``: PPO's
@@ -35,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlb_rl.config import from_dict, load_yaml
+import yaml
+
+from tlb_rl.config import apply_overrides, from_dict, load_yaml
 from tlb_rl.errors import UserError
 
 BASELINES = ("recurrentppo",)
@@ -140,14 +147,47 @@ def _entries(cls: type, items: Any, where: str) -> list:
     return [from_dict(cls, item, f"{where}[{i}]") for i, item in enumerate(items)]
 
 
-def load_study(path: str | Path, runnable: bool = True) -> StudyConfig:
+def _read_extended(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    data = load_yaml(path)
+    data.setdefault("name", path.stem)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"study config {path}: 'extends' must be the path of another study config, got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in chain:
+        raise UserError(f"study config {path}: 'extends: {base}' leads back to itself")
+    inherited = _read_extended(base_path, (*chain, base_path.resolve()))
+    inherited.pop("name")
+    return _merge(inherited, data)
+
+
+def read_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A study config's mapping with ``extends`` resolved and ``key=value`` ``overrides`` applied, unvalidated."""
+    path = Path(path)
+    return apply_overrides(_read_extended(path, (path.resolve(),)), list(overrides))
+
+
+def study_source(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """What a study directory keeps of its config (``study.yaml``): the file as written where it stands alone,
+    else the mapping it resolves to, so the directory does not depend on other files."""
+    text = Path(path).read_text()
+    if not overrides and "extends" not in (yaml.safe_load(text) or {}):
+        return text
+    given = " ".join([str(path), *overrides])
+    return f"# {given}, resolved\n" + yaml.safe_dump(read_study(path, overrides), sort_keys=False)
+
+
+def load_study(path: str | Path, runnable: bool = True, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
     """Read and validate a study config, and (``runnable``) every run's PPOConfig or BCConfig, env and dataset.
 
     :param runnable: False for a report: it expands (and so validates) the runs itself, and needs neither
         the envs nor the BC rows' dataset directories (a report re-rendered after the demonstrations were
         deleted must still work).
+    :param overrides: ``key=value`` strings applied last (``seeds=[3,4]``, ``ppo.torch_threads=2``).
     """
-    data = load_yaml(path)
+    data = read_study(path, overrides)
     if "envs" not in data:
         raise UserError(f"study config {path} has no 'envs' list")
     data["envs"] = _entries(EnvEntry, data["envs"], "envs")
@@ -155,7 +195,6 @@ def load_study(path: str | Path, runnable: bool = True) -> StudyConfig:
         data["agents"] = _entries(AgentEntry, data["agents"], "agents")
     if isinstance(data.get("cores"), list):
         data["cores"] = {name: {} for name in data["cores"]}
-    data.setdefault("name", Path(path).stem)
     study = from_dict(StudyConfig, data, "study")
     _check(study)
     if not runnable:

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from agents import ALGORITHMS
-from commands.study.config import RunSpec, StudyConfig, expand, load_study
+from commands.study.config import RunSpec, StudyConfig, expand, load_study, study_source
 from tlb_rl.errors import UserError
 
 MAX_ATTEMPTS = 2
@@ -206,12 +206,14 @@ def _write_record(record: Path, spec: RunSpec, status: str, attempts: int, wall:
     record.write_text(json.dumps(fields, indent=2) + "\n")
 
 
-def _check_study_file(study_dir: Path, config_path: str | Path, study: StudyConfig) -> None:
+def _check_study_file(
+    study_dir: Path, config_path: str | Path, study: StudyConfig, overrides: list[str] | tuple[str, ...] = ()
+) -> None:
     """A study directory belongs to one config, which may grow: a config that keeps every run of the saved one
     with the same settings and adds runs (seeds, envs, agents, cores) is taken, anything else refused. The
     config is kept in the directory so `tlb-rl report` can re-render without it."""
     saved = study_dir / "study.yaml"
-    given = Path(config_path).read_text()
+    given = study_source(config_path, overrides)
     if saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(given):
         new = {spec.run_id: spec.fingerprint() for spec in expand(study)}
         for spec in expand(load_study(saved, runnable=False)):
@@ -270,10 +272,12 @@ def run_study(
     workers: int | None = None,
     address: str | None = None,
     log: Callable[[str], None] = print,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> list[RunOutcome]:
-    """Run every unfinished run of ``study`` into ``study_dir``; returns one outcome per run of the grid."""
+    """Run every unfinished run of ``study`` (read from ``config_path`` with ``overrides``) into ``study_dir``;
+    returns one outcome per run of the grid."""
     study_dir = Path(study_dir)
-    _check_study_file(study_dir, config_path, study)
+    _check_study_file(study_dir, config_path, study, overrides)
     specs = expand(study)
     done = {s.run_id for s in specs if is_finished(study_dir, s)}
     todo = [s for s in specs if s.run_id not in done]
