@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, help="runs at a time (default 1; ray: local CPUs)")
     p.add_argument("--address", help="Ray cluster address, e.g. auto (default: start a local Ray instance)")
     p.add_argument("--out", help="study directory (default studies/<study name>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override study keys, e.g. seeds=[3,4]")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override study keys, e.g. 'seeds=[3,4]'")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("report", help="re-render the report of a study directory")

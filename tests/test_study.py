@@ -243,20 +243,23 @@ def test_an_agent_can_run_with_some_cores_only(tmp_path):
 def test_a_study_extends_another_and_takes_overrides(tmp_path):
     from commands.study.config import expand, study_source
 
-    base = write_config(tmp_path, TINY_STUDY, "base.yaml")
+    base = write_config(tmp_path, {**TINY_STUDY, "baselines": {"recurrentppo": {}}}, "base.yaml")
     (tmp_path / "sub").mkdir()
     child = {
         "extends": "../base.yaml",  # relative to the child's directory, not the working directory
         "seeds": [5],
         "ppo": {"n_epochs": 2},
-        "agents": [{"name": "fast", "cores": ["tlb"], "overrides": {"learning_rate": 0.01}}],
+        "cores": {"tlb": {"d_model": 16, "n_heads": 2}},
+        "baselines": {},
+        "agents": [{"name": "fast", "overrides": {"learning_rate": 0.01}}],
     }
     path = write_config(tmp_path / "sub", child, "child.yaml")
     study = load_study(path)
     assert study.name == "child"  # its own, not the base's "tiny"
-    ((run,),) = [expand(study)]  # seeds and agents replaced whole, so one run
+    ((run,),) = [expand(study)]  # seeds, cores, baselines and agents replaced whole, so one run
     assert run.run_id == "tmaze-L3/tlb-fast/s5"
     assert (run.config["n_epochs"], run.config["n_steps"], run.config["learning_rate"]) == (2, 128, 0.01)
+    assert run.config["core_kwargs"] == {"d_model": 16, "n_heads": 2}
     assert load_study(base).name == "tiny"
 
     overridden = load_study(path, overrides=["seeds=[1,2]", "ppo.n_steps=64", "name=other"])
@@ -268,11 +271,14 @@ def test_a_study_extends_another_and_takes_overrides(tmp_path):
 
     with pytest.raises(UserError, match="unknown study key 'seed'"):
         load_study(path, overrides=["seed=1"])
+    with pytest.raises(UserError, match="'extends' belongs in a study config's file"):
+        load_study(base, overrides=["extends=sub/child.yaml"])
     write_config(tmp_path, {**TINY_STUDY, "extends": "sub/child.yaml"}, "base.yaml")
     with pytest.raises(UserError, match="leads back to itself"):
         load_study(path)
-    with pytest.raises(UserError, match="config file not found"):
-        load_study(write_config(tmp_path, {"extends": "nowhere.yaml"}, "lost.yaml"))
+    for where in ("nowhere.yaml", "sub"):
+        with pytest.raises(UserError, match=f"lost.yaml: extends '{where}', which is not a file"):
+            load_study(write_config(tmp_path, {"extends": where}, "lost.yaml"))
 
 
 def test_init_from_names_each_cells_own_checkpoint(tmp_path):

@@ -25,6 +25,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except OSError as e:  # a directory, no permission...
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

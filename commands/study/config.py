@@ -19,8 +19,8 @@
         bc: {dataset: demos/tmaze-L10}          # per-env BC keys: where `tlb-rl demos` wrote the demonstrations
 
 A config may start from another: ``extends: other.yaml`` (a path relative to the config's own directory) takes
-every key of that study, the config's own keys winning (mappings such as ``ppo`` merge key by key; lists such as
-``envs``, ``agents`` and ``seeds`` are replaced whole); ``name`` is never inherited. ``tlb-rl compare`` also takes
+every key of that study that the config does not set itself, except ``name``; the sections of algorithm keys,
+``ppo`` and ``bc``, merge key by key, so a config can change one of them. ``tlb-rl compare`` also takes
 ``key=value`` overrides after the config (``seeds=[3,4]``, ``ppo.torch_threads=2``), applied last.
 
 A run's config is, later entries winning: the agent's ``config`` file, the study's section for its algorithm
@@ -44,6 +44,9 @@ import yaml
 
 from tlb_rl.config import apply_overrides, from_dict, load_yaml
 from tlb_rl.errors import UserError
+
+ALGORITHM_SECTIONS = ("ppo", "bc")
+"""Study keys that hold an algorithm's config keys, shared by every run of that algorithm."""
 
 BASELINES = ("recurrentppo",)
 """External baselines a study can add as rows (sb3-contrib's RecurrentPPO)."""
@@ -156,17 +159,26 @@ def _read_extended(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(base, str):
         raise UserError(f"study config {path}: 'extends' must be the path of another study config, got {base!r}")
     base_path = path.parent / base
+    if not base_path.is_file():
+        raise UserError(f"study config {path}: extends '{base}', which is not a file ({base_path})")
     if base_path.resolve() in chain:
         raise UserError(f"study config {path}: 'extends: {base}' leads back to itself")
     inherited = _read_extended(base_path, (*chain, base_path.resolve()))
     inherited.pop("name")
-    return _merge(inherited, data)
+    merged = {**inherited, **data}
+    for section in ALGORITHM_SECTIONS:
+        if isinstance(inherited.get(section), dict) and isinstance(data.get(section), dict):
+            merged[section] = _merge(inherited[section], data[section])
+    return merged
 
 
 def read_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """A study config's mapping with ``extends`` resolved and ``key=value`` ``overrides`` applied, unvalidated."""
     path = Path(path)
-    return apply_overrides(_read_extended(path, (path.resolve(),)), list(overrides))
+    data = apply_overrides(_read_extended(path, (path.resolve(),)), list(overrides))
+    if "extends" in data:
+        raise UserError("'extends' belongs in a study config's file, not in an override")
+    return data
 
 
 def study_source(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:

@@ -2,7 +2,8 @@
 
 Study directory layout::
 
-    <study>/study.yaml            the study config as given (a later `compare` may only add runs to it)
+    <study>/study.yaml            the study config: the file as given, or what it resolves to where it extends
+                                  another or was overridden (a later `compare` may only add runs to it)
     <study>/runs/<env>/<row>/s<seed>/   a normal run directory (config.json, metrics.jsonl, final_eval.json, ...)
                                   plus study_run.json: status, attempts, wall-clock, config fingerprint
     <study>/logs/<env>/<row>/s<seed>.attempt<k>.log   stdout/stderr of each attempt

@@ -53,8 +53,12 @@ def make_core(name: str, input_dim: int, **hyperparameters: object) -> Core:
     allowed = core_hyperparameters(name)
     unknown = sorted(set(hyperparameters) - set(allowed))
     if unknown:
+        owners = [other for other in CORES if other != name and set(unknown) <= set(core_hyperparameters(other))]
+        # A saved config holds every option of its core; switching its core alone carries them over.
+        hint = f" (options of core '{owners[0]}': give core_kwargs={{}} when changing core)" if owners else ""
         raise UserError(
             f"core '{name}' has no hyperparameter {', '.join(map(repr, unknown))}; it takes: {', '.join(allowed)}"
+            + hint
         )
     try:
         return CORES[name](input_dim, **hyperparameters)
