@@ -6,7 +6,8 @@
   with the largest code as bound (not 255), so encoders can size their embeddings from the space;
 - ``direction``: ``Discrete(4)``;
 - ``mission``: token ids (see :mod:`envs.text`), only for envs whose mission varies between episodes
-  (BabyAI levels, MiniGrid missions with placeholders); a constant mission carries no information.
+  (BabyAI levels, MiniGrid missions with placeholders); a constant mission carries no information;
+- any other entry a user's wrapper added to the observation, as it is.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ class MiniGridObservation(gym.ObservationWrapper):
         self._with_mission = mission_varies(source["mission"])
         if self._with_mission:
             parts["mission"] = text_space(mission_length)
-        self.observation_space = spaces.Dict(parts)
+        self._extra = [key for key in source.spaces if key not in ("image", "direction", "mission")]
+        self.observation_space = spaces.Dict(parts | {key: source[key] for key in self._extra})
 
     def observation(self, observation: dict[str, Any]) -> dict[str, np.ndarray]:
         out = {"image": observation["image"], "direction": np.int64(observation["direction"])}
         if self._with_mission:
             out["mission"] = tokenize(observation["mission"], self._mission_length)
-        return out
+        return out | {key: observation[key] for key in self._extra}
 
 
 class QuietReset(gym.Wrapper):

@@ -359,6 +359,28 @@ def test_plugin_callable() -> None:
     assert env.reset()[0].shape == (3,)
 
 
+class _WithCue(gym.ObservationWrapper):
+    """A user's wrapper adding an entry to a MiniGrid observation: which object the Memory cue is."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = spaces.Dict({**env.observation_space.spaces, "cue": spaces.Discrete(2)})
+
+    def observation(self, observation: dict) -> dict:
+        level = self.env.unwrapped
+        return {**observation, "cue": int(level.grid.get(1, level.height // 2 - 1).type == "key")}
+
+
+def test_an_entry_a_wrapper_adds_to_a_minigrid_observation_reaches_the_policy() -> None:
+    env = envs.make_env(lambda: _WithCue(gym.make("MiniGrid-MemoryS7-v0")), seed=3)
+    assert set(env.observation_space.spaces) == {"image", "direction", "cue"}
+    cues = {int(env.reset(seed=s)[0]["cue"]) for s in range(8)}
+    assert cues == {0, 1}
+    encoder = make_encoder(env.observation_space)
+    obs = obs_to_tensor({k: np.asarray(v)[None] for k, v in env.reset(seed=0)[0].items()}, "cpu")
+    assert encoder(obs).shape == (1, encoder.output_dim)
+
+
 def test_plugin_text_observations_are_tokenised_and_encode(plugin_module: str) -> None:
     env = envs.make_env(f"{plugin_module}:Instructed", seed=0)
     assert env.observation_space["mission"] == spaces.Box(0, len(VOCABULARY) - 1, (MISSION_LENGTH,), np.int64)
