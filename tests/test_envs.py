@@ -17,6 +17,7 @@ import torch
 from gymnasium import spaces
 
 import envs
+from envs.memory_cue import CueInObservation
 from envs.text import MISSION_LENGTH, PAD, UNKNOWN, VOCABULARY, detokenize, tokenize
 from envs.tmaze import TMazeEnv
 from envs.vector import choose_vectorization
@@ -359,20 +360,8 @@ def test_plugin_callable() -> None:
     assert env.reset()[0].shape == (3,)
 
 
-class _WithCue(gym.ObservationWrapper):
-    """A user's wrapper adding an entry to a MiniGrid observation: which object the Memory cue is."""
-
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.observation_space = spaces.Dict({**env.observation_space.spaces, "cue": spaces.Discrete(2)})
-
-    def observation(self, observation: dict) -> dict:
-        level = self.env.unwrapped
-        return {**observation, "cue": int(level.grid.get(1, level.height // 2 - 1).type == "key")}
-
-
 def test_an_entry_a_wrapper_adds_to_a_minigrid_observation_reaches_the_policy() -> None:
-    env = envs.make_env(lambda: _WithCue(gym.make("MiniGrid-MemoryS7-v0")), seed=3)
+    env = envs.make_env(lambda: CueInObservation(gym.make("MiniGrid-MemoryS7-v0")), seed=3)
     assert set(env.observation_space.spaces) == {"image", "direction", "cue"}
     cues = {int(env.reset(seed=s)[0]["cue"]) for s in range(8)}
     assert cues == {0, 1}
