@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import gymnasium as gym
 
+from envs.memory_cue import cue_cell
 from envs.registry import load_attribute
 from tlb_rl.errors import UserError
 
@@ -41,8 +42,7 @@ STEPS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # direction 0 faces +x (right), 1 +y
 def memory_expert(env: gym.Env) -> Callable[[], int]:
     """MiniGrid-Memory: look at the cue object in the start room, then go to the matching object's cell."""
     level = env.unwrapped
-    height = level.grid.height
-    cue = (1, height // 2 - 1)  # where MemoryEnv puts it
+    cue = cue_cell(level)
     seen = False
 
     def act() -> int:

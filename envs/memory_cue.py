@@ -16,6 +16,11 @@ import gymnasium as gym
 from gymnasium import spaces
 
 
+def cue_cell(level: gym.Env) -> tuple[int, int]:
+    """Where ``minigrid.envs.MemoryEnv`` puts the cue object in the start room (``level``: the unwrapped env)."""
+    return 1, level.grid.height // 2 - 1
+
+
 class CueInObservation(gym.ObservationWrapper):
     """Adds ``cue`` (Discrete(2): 1 for a key, 0 for a ball) to a MiniGrid Memory env's observation."""
 
@@ -25,8 +30,7 @@ class CueInObservation(gym.ObservationWrapper):
 
     def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
         level = self.env.unwrapped
-        cue = level.grid.get(1, level.height // 2 - 1)  # where MemoryEnv puts it
-        return {**observation, "cue": int(cue.type == "key")}
+        return {**observation, "cue": int(level.grid.get(*cue_cell(level)).type == "key")}
 
 
 def memory_s11_with_cue(**kwargs: Any) -> gym.Env:

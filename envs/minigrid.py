@@ -78,7 +78,9 @@ class MiniGridObservation(gym.ObservationWrapper):
         out = {"image": observation["image"], "direction": np.int64(observation["direction"])}
         if self._with_mission:
             out["mission"] = tokenize(observation["mission"], self._mission_length)
-        return out | {key: observation[key] for key in self._extra}
+        for key in self._extra:  # none for MiniGrid's own envs: this runs on every step
+            out[key] = observation[key]
+        return out
 
 
 class QuietReset(gym.Wrapper):
