@@ -112,7 +112,8 @@ def run_inspection(
     cross = [layer.attn for layer in tlb.layers if layer.cross] if tlb else []
     initial = core.memory(policy.initial_state(1, device)).float().cpu().numpy()[0]
     while active.any():
-        position = state["chunk_len"].cpu().numpy() if tlb else None  # the step's position in its chunk
+        # the step's position in its chunk
+        position = tlb.chunk_position(state, torch.as_tensor(starts, device=device)).cpu().numpy() if tlb else None
         batch = obs_to_tensor(stack_observations(obs), device)
         with recording() as rec:
             actions, _, _, state = policy.act(batch, state, torch.as_tensor(starts, device=device), deterministic)
@@ -231,7 +232,7 @@ def linear_probe(episodes: list[Episode], penalty: float = PROBE_PENALTY, min_ep
 
 
 def chunk_split(episodes: list[Episode]) -> dict[str, dict[str, float | int | None]] | None:
-    """Success of a TLB policy's episodes that lie inside one chunk of its step clock, and of those that cross a
+    """Success of a TLB policy's episodes that lie inside one chunk of its clock, and of those that cross a
     chunk boundary (None for other cores).
 
     Inside one chunk, a step reaches every earlier step of its episode through the fast attention; across a

@@ -1,11 +1,17 @@
-"""MiniGrid's Memory envs with the cue's type in every observation: the choice without the need to remember.
+"""MiniGrid's Memory envs with the cue's type handed to the policy: the parts of the choice one at a time.
 
 At the junction of ``MiniGrid-MemoryS*`` the right object is the one matching the cue seen in the start room,
-so the choice combines memory with what is in view. With the cue given at every step (``cue``: 1 for a key,
-0 for a ball) no memory is needed, so a policy that still fails to choose fails at combining the two, not at
-remembering. A plug-in by module path:
+so the choice combines memory with what is in view. Two variants take one difficulty away each:
+
+- the cue's type in every observation (:class:`CueInObservation`): no memory is needed, so a policy that
+  still fails to choose fails at combining cue and view;
+- the cue's type as a symbol in the first observation only (:class:`CueAtStart`): memory is needed, but not
+  finding the cue in the 7x7 view, so a policy that fails there fails at carrying a clean bit to the junction.
+
+Plug-ins by module path:
 
     tlb-rl demos --env envs.memory_cue:memory_s11_with_cue --episodes 25000 --out demos/memory_s11_cue
+    tlb-rl demos --env envs.memory_cue:memory_s11_cue_at_start --episodes 10000 --out demos/memory_s11_start
 """
 
 from __future__ import annotations
@@ -36,3 +42,26 @@ class CueInObservation(gym.ObservationWrapper):
 def memory_s11_with_cue(**kwargs: Any) -> gym.Env:
     """``MiniGrid-MemoryS11-v0`` (options passed on) with :class:`CueInObservation`."""
     return CueInObservation(gym.make("MiniGrid-MemoryS11-v0", **kwargs))
+
+
+class CueAtStart(gym.Wrapper):
+    """Adds ``cue`` (Discrete(3)) to a MiniGrid Memory env's observations: in the first observation of an episode
+    1 for a ball and 2 for a key, in every later one 0 (nothing). The cue object stays in the start room."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = spaces.Dict({**env.observation_space.spaces, "cue": spaces.Discrete(3)})
+
+    def reset(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        observation, info = self.env.reset(**kwargs)
+        level = self.env.unwrapped
+        return {**observation, "cue": 1 + int(level.grid.get(*cue_cell(level)).type == "key")}, info
+
+    def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        return {**observation, "cue": 0}, reward, terminated, truncated, info
+
+
+def memory_s11_cue_at_start(**kwargs: Any) -> gym.Env:
+    """``MiniGrid-MemoryS11-v0`` (options passed on) with :class:`CueAtStart`."""
+    return CueAtStart(gym.make("MiniGrid-MemoryS11-v0", **kwargs))

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tlb_rl.cores.tlb as tlb_module
-from tlb_rl.cores import CORES, Core, State, make_core, parse_core_spec
+from tlb_rl.cores import CORES, Core, State, compile_core, make_core, parse_core_spec
 from tlb_rl.errors import UserError
 
 IN = 5  # input width of every core built here
@@ -40,6 +40,24 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "tlb-K5-L3R2-reads-output": (
         "tlb",
         dict(d_model=16, chunk_size=5, n_slow=2, n_layers=3, cross_every=2, n_heads=2, slow_reads="output"),
+    ),
+    "tlb-K4-episode-clock": ("tlb", dict(d_model=16, chunk_size=4, n_slow=2, n_heads=2, clock="episode")),
+    "tlb-K3-parallel-episode-clock": (
+        "tlb",
+        dict(d_model=16, chunk_size=3, n_slow=3, n_heads=2, slow_update="parallel", clock="episode"),
+    ),
+    "tlb-K5-L3R2-reads-output-episode-clock": (
+        "tlb",
+        dict(
+            d_model=16,
+            chunk_size=5,
+            n_slow=2,
+            n_layers=3,
+            cross_every=2,
+            n_heads=2,
+            slow_reads="output",
+            clock="episode",
+        ),
     ),
     "lstm": ("lstm", dict(hidden_size=16)),
     "lstm-2layers": ("lstm", dict(hidden_size=16, num_layers=2)),
@@ -397,7 +415,11 @@ def test_tlb_inside_a_chunk_only_earlier_steps_matter(config):
     x = torch.randn(2, T, IN, generator=torch.Generator().manual_seed(15))
     starts = torch.zeros(2, T, dtype=torch.bool)
     starts[:, [0, K + 2]] = True  # the second episode starts in the middle of chunk 1 (for K > 2)
-    chunk_start = [max(t // K * K, K + 2) if t >= K + 2 else t // K * K for t in range(T)]  # first step it sees
+    # the first step each step sees: its chunk's on the step clock, on the episode clock its episode's chunk's
+    if core.episode_clock:
+        chunk_start = [K + 2 + (t - K - 2) // K * K if t >= K + 2 else t // K * K for t in range(T)]
+    else:
+        chunk_start = [max(t // K * K, K + 2) if t >= K + 2 else t // K * K for t in range(T)]
     for t in range(T):
         grad = _input_grad(core, x, starts, 0, t)
         assert torch.count_nonzero(grad[0, t + 1 :]) == 0, f"step {t}: a future input has influence"
@@ -405,6 +427,35 @@ def test_tlb_inside_a_chunk_only_earlier_steps_matter(config):
             assert grad[0, s].abs().sum() > 0, f"step {t} ignores step {s} of its own chunk"
         if t >= K + 2:  # the episode started at K + 2
             assert torch.count_nonzero(grad[0, : K + 2]) == 0, f"step {t} sees the previous episode"
+
+
+EPISODE_CLOCK = [k for k in TLB_CONFIGS if CONFIGS[k][1].get("clock") == "episode"]
+
+
+@pytest.mark.parametrize("config", EPISODE_CLOCK)
+def test_tlb_on_the_episode_clock_an_episode_does_not_depend_on_when_it_starts(config):
+    """The same episode, from a fresh state and after histories that leave the step clock anywhere in a chunk:
+    the same outputs, in one call and stepped (on the step clock its chunks would fall elsewhere)."""
+    core = build(config)
+    gen = torch.Generator().manual_seed(31)
+    T = 3 * core.K + 1
+    episode = torch.randn(1, T, IN, generator=gen)
+    starts = torch.zeros(1, T, dtype=torch.bool)
+    starts[0, 0] = True
+    with torch.no_grad():
+        alone, _ = core(episode, core.initial_state(1), starts)
+        for before in range(1, core.K + 2):
+            x = torch.cat([torch.randn(1, before, IN, generator=gen), episode], 1)
+            s = torch.cat([random_starts(1, before, 0.3, gen), starts], 1)
+            y, _ = core(x, core.initial_state(1), s)
+            torch.testing.assert_close(y[:, before:], alone, atol=ATOL, rtol=0)
+            y, _ = run_pieces(core, x, s, core.initial_state(1), [1] * (before + T))
+            torch.testing.assert_close(y[:, before:], alone, atol=ATOL, rtol=0)
+
+
+def test_tlb_on_the_episode_clock_does_not_compile():
+    with pytest.raises(UserError, match="clock='episode'"):
+        compile_core(build("tlb-K4-episode-clock"), "tlb")
 
 
 def _slow_trajectory(core: Core, starts: torch.Tensor, seed: int):
@@ -667,7 +718,7 @@ def test_tlb_long_calls_equal_stepping(config, static, monkeypatch):
     assert_states_close(s, s_all)
 
 
-@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K5-L3R2", "tlb-K3-parallel"])
+@pytest.mark.parametrize("config", ["tlb-K4", "tlb-K5-L3R2", "tlb-K3-parallel", "tlb-K4-episode-clock"])
 def test_tlb_rows_at_different_clocks_equal_stepping(config):
     """Rows whose chunks are at different positions (states of different histories, batched) lay out their
     steps at different slots of one call."""
@@ -676,7 +727,10 @@ def test_tlb_rows_at_different_clocks_equal_stepping(config):
     states = []
     for warm in [2, 3, 5, 8, 13]:
         x = torch.randn(1, warm, IN, generator=gen)
-        states.append(core(x, core.initial_state(1), random_starts(1, warm, 0.3, gen))[1])
+        warm_starts = random_starts(1, warm, 0.3, gen)
+        if core.episode_clock:  # whose clock an episode start resets: one episode each, so the clocks differ
+            warm_starts[:, 1:] = False
+        states.append(core(x, core.initial_state(1), warm_starts)[1])
     state0 = {k: torch.cat([s[k] for s in states]) for k in states[0]}
     assert len(set(state0["chunk_len"].tolist())) > 2
     T = 17

@@ -17,7 +17,7 @@ import torch
 from gymnasium import spaces
 
 import envs
-from envs.memory_cue import CueInObservation
+from envs.memory_cue import CueAtStart, CueInObservation, cue_cell
 from envs.text import MISSION_LENGTH, PAD, UNKNOWN, VOCABULARY, detokenize, tokenize
 from envs.tmaze import TMazeEnv
 from envs.vector import choose_vectorization
@@ -368,6 +368,19 @@ def test_an_entry_a_wrapper_adds_to_a_minigrid_observation_reaches_the_policy() 
     encoder = make_encoder(env.observation_space)
     obs = obs_to_tensor({k: np.asarray(v)[None] for k, v in env.reset(seed=0)[0].items()}, "cpu")
     assert encoder(obs).shape == (1, encoder.output_dim)
+
+
+def test_cue_at_start_names_the_cue_object_in_the_first_observation_only() -> None:
+    env = envs.make_env(lambda: CueAtStart(gym.make("MiniGrid-MemoryS7-v0")), seed=3)
+    assert env.observation_space["cue"] == spaces.Discrete(3)
+    cues = set()
+    for seed in range(8):
+        obs, _ = env.reset(seed=seed)
+        level = env.unwrapped
+        cues.add(int(obs["cue"]))
+        assert obs["cue"] == {"ball": 1, "key": 2}[level.grid.get(*cue_cell(level)).type]
+        assert all(env.step(0)[0]["cue"] == 0 for _ in range(3))  # turning left never ends an episode
+    assert cues == {1, 2}
 
 
 def test_plugin_text_observations_are_tokenised_and_encode(plugin_module: str) -> None:

@@ -159,3 +159,16 @@ def test_chunk_split_counts_the_episodes_that_cross_a_chunk_boundary():
     assert split["across_chunks"]["success_rate"] == np.mean([e.success for e in across])
     lstm = PPO("tmaze", core="lstm", core_kwargs={"hidden_size": 8}, env_kwargs={"corridor_length": 2})
     assert chunk_split(lstm.inspect(4)) is None
+
+
+@pytest.mark.parametrize(("corridor", "inside"), [(2, 32), (15, 32), (16, 0)])
+def test_on_the_episode_clock_an_episode_crosses_a_chunk_boundary_only_past_its_kth_step(corridor, inside):
+    """Every episode begins a chunk: with K = 16 the T-maze's corridor + 1 steps lie in one chunk up to 16."""
+    model = PPO(
+        "tmaze",
+        core="tlb",
+        core_kwargs={"d_model": 16, "n_heads": 2, "clock": "episode"},
+        env_kwargs={"corridor_length": corridor},
+    )
+    split = chunk_split(model.inspect(32))
+    assert split["inside_one_chunk"]["episodes"] == inside and split["across_chunks"]["episodes"] == 32 - inside

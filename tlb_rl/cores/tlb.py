@@ -4,16 +4,24 @@ Fast stream: Transformer layers over the steps of the current chunk of K steps, 
 every R-th layer is followed by a cross-attention from the chunk's tokens to the slow vectors.
 Slow stream: N vectors, updated when a chunk completes by reading the chunk's tokens.
 
-Chunks follow each env's step clock: step t of a row is position ``t mod K`` of its chunk, whatever the
-episodes do. An episode start resets the slow vectors to a learned value and masks what came before it:
-the fast attention of later steps, and the slow update of the chunk. So every env completes a chunk on the
-same steps, and a call's tokens lie in whole chunks (laid out by slot, see :class:`_Plan`), so every
-attention is chunk-local. On a GPU nothing in the computation depends on the data's values: no host syncs,
-shapes fixed by T (``torch.compile(fullgraph=True)`` works; the same property is what CUDA-graph capture
-needs, benchmarks/cuda_graph.py). On a CPU, where a host read costs nothing, two reads skip work: the chunk
-of padding a call starting a chunk does not need, and with it the layout itself (slot t is step t: no gather,
-no cached keys to merge) when T is whole chunks (compiled too, at the price of a graph break); and the slow
-update on the acting steps where no env completes a chunk (eager only).
+Chunks follow each env's step clock (``clock="step"``, default): step t of a row is position ``t mod K`` of its
+chunk, whatever the episodes do. An episode start resets the slow vectors to a learned value and masks what came
+before it: the fast attention of later steps, and the slow update of the chunk. So every env completes a chunk on
+the same steps, and a call's tokens lie in whole chunks (laid out by slot, see :class:`_Plan`), so every attention
+is chunk-local. On a GPU nothing in the computation depends on the data's values: no host syncs, shapes fixed by T
+(``torch.compile(fullgraph=True)`` works; the same property is what CUDA-graph capture needs,
+benchmarks/cuda_graph.py). On a CPU, where a host read costs nothing, two reads skip work: the chunk of padding a
+call starting a chunk does not need, and with it the layout itself (slot t is step t: no gather, no cached keys to
+merge) when T is whole chunks (compiled too, at the price of a graph break); and the slow update on the acting
+steps where no env completes a chunk (eager only).
+
+With ``clock="episode"`` every episode start begins a chunk, as each of the paper's sequences does: an
+episode's step t is position ``t mod K``, so an episode's first K steps attend to each other, where on the step
+clock its start often shares a chunk with the previous episode's end and its first steps reach its later ones
+through the slow vectors only (docs/results.md: with MemoryS11's cue given at an episode's first step, the
+difference between learning the choice and not).
+The slots a start skips to reach the next chunk are padding, so the layout depends on the data: one host read
+per call, and no compile.
 
 Two slow updates:
 
@@ -36,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +53,11 @@ from torch import nn
 from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, detached
 from tlb_rl.cores.blocks import Block, layer_norm, linear
 from tlb_rl.cores.record import record
+from tlb_rl.errors import UserError
 
 SLOW_UPDATES = ("sequential", "parallel")
 SLOW_READS = ("before_cross", "output")
+CLOCKS = ("step", "episode")
 
 
 class _Plan(NamedTuple):
@@ -61,7 +71,8 @@ class _Plan(NamedTuple):
 
     C: int  # chunks the call can touch: S = C * K slots
     updates: int  # the first chunks, the only ones that can complete in the call
-    whole: int  # the first chunks, complete whatever the clock: T // K
+    whole: int  # the first chunks, complete whatever the clock: T // K (0 on the episode clock)
+    stop: torch.Tensor  # [B] the slot after the call's last step
     # (src and dst: None when slot t holds step t, every row's clock at 0 and T whole chunks: no layout to do)
     src: torch.Tensor | None  # [B, S, D] the step held by each slot (T: a zero row, for slots outside the call)
     dst: torch.Tensor | None  # [B, T, D] the slot of each step
@@ -120,6 +131,9 @@ class TLBCore(Core):
         ``"parallel"`` (learned queries read all chunks at once; a gated linear recurrence). See docs/cores.md.
     :param slow_reads: what the slow update reads of a chunk: its tokens before the first cross-attention
         (``"before_cross"``, default) or the fast stream's output (``"output"``, the paper's; sequential only).
+    :param clock: where chunks begin: on every K-th step of the env (``"step"``, default: static shapes, so
+        it compiles and captures in a CUDA graph) or at every episode start and every K steps after it
+        (``"episode"``: an episode's first K steps share a chunk; eager only). Measured: docs/results.md.
     """
 
     compilable = True
@@ -138,6 +152,7 @@ class TLBCore(Core):
         gated: bool = True,
         slow_update: str = "sequential",
         slow_reads: str = "before_cross",
+        clock: str = "step",
     ):
         super().__init__()
         check_sizes(
@@ -154,6 +169,8 @@ class TLBCore(Core):
             raise ValueError(f"slow_update must be one of {', '.join(SLOW_UPDATES)}, got {slow_update!r}")
         if slow_reads not in SLOW_READS:
             raise ValueError(f"slow_reads must be one of {', '.join(SLOW_READS)}, got {slow_reads!r}")
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
         if slow_reads == "output" and slow_update == "parallel":
             raise ValueError(
                 "slow_reads='output' needs slow_update='sequential': the read chunk depends on the slow state"
@@ -162,6 +179,7 @@ class TLBCore(Core):
         self.K, self.N = chunk_size, n_slow
         self.parallel = slow_update == "parallel"
         self.reads_output = slow_reads == "output"
+        self.episode_clock = clock == "episode"
         self.proj = nn.Linear(input_dim, d_model)
         self.pos = nn.Parameter(torch.randn(chunk_size, d_model) * 0.02)
         self.slow_init = nn.Parameter(torch.randn(n_slow, d_model) * 0.02)
@@ -205,6 +223,19 @@ class TLBCore(Core):
         first_half = torch.arange(2 * n_slow) < n_slow
         self.register_buffer("_cross", _additive(torch.stack([first_half, ~first_half])), persistent=False)
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        if self.episode_clock:
+            raise UserError(
+                "core 'tlb' with clock='episode' lays out its chunks by where episodes start, so its shapes "
+                "change with the data and it does not compile: drop compile=true"
+            )
+        super().compile(*args, **kwargs)
+
+    def chunk_position(self, state: State, episode_starts: torch.Tensor) -> torch.Tensor:
+        """The position [B] in its chunk of the step that follows ``state`` (``episode_starts`` [B]: it begins an
+        episode); the step completes its chunk at position K - 1."""
+        return state["chunk_len"].masked_fill(episode_starts, 0) if self.episode_clock else state["chunk_len"]
+
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         D, device = self.output_dim, device or self.device
         return {
@@ -235,7 +266,9 @@ class TLBCore(Core):
         # CPU, the read is one graph break (the call of `_any`, which runs outside the graph) and the answer a
         # constant of the graph after it, so it is only 0 or K - 1: two graphs per shape at most.
         clock = state["chunk_len"]
-        if _static(clock):
+        if self.episode_clock:
+            lead = -1  # the plan finds the layout from the episode starts
+        elif _static(clock):
             lead = self.K - 1
         elif torch.compiler.is_compiling():
             lead = self.K - 1 if _any(clock) else 0
@@ -339,18 +372,50 @@ class TLBCore(Core):
         late_keys = [torch.cat(per_chunk, 1) for per_chunk in zip(*keys, strict=True)]
         return torch.cat(out, 1), late_keys, torch.cat(update_kv, 1), slow
 
+    def _episode_slots(self, clock: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """The episode clock's slot [B, T] of each step: the steps before a row's first start continue its chunk
+        (slot ``clock + t``), and each episode start moves on to the next chunk boundary."""
+        B, T = starts.shape
+        K, t = self.K, torch.arange(T, device=starts.device)
+        piece = starts.long().cumsum(1)  # [B, T] 0 for the steps before the first start, then one per episode
+        offset = t - torch.where(starts, t, 0).cummax(1).values  # the step within its piece
+        lengths = torch.zeros(B, T + 1, dtype=torch.long, device=starts.device).scatter_add_(
+            1, piece, torch.ones_like(piece)
+        )
+
+        def up(n: torch.Tensor) -> torch.Tensor:
+            return (n + K - 1) // K * K
+
+        spans = torch.cat([up(clock + lengths[:, :1]) - clock, up(lengths[:, 1:])], 1)  # slots each piece takes
+        base = clock + spans.cumsum(1) - spans  # [B, T + 1] each piece's first slot
+        return base.gather(1, piece) + offset
+
     def _plan(self, state: State, starts: torch.Tensor, lead: int) -> _Plan:
         """Where a call's steps sit by slot, and what may attend to what (see :class:`_Plan`), for a call whose
-        rows' clocks are at most ``lead``."""
+        rows' clocks are at most ``lead`` (-1: the episode clock's layout, found from ``starts``)."""
         B, T = starts.shape
         K, D, dev = self.K, self.output_dim, starts.device
         clock = state["chunk_len"][:, None]  # [B, 1]
-        C = (lead + T - 1) // K + 1  # the chunks of slots 0 .. lead + T - 1
+        if lead < 0:
+            slot = self._episode_slots(clock, starts)  # [B, T]
+            stop = slot[:, -1] + 1
+            C = (int(stop.max()) - 1) // K + 1
+            identity = C * K == T and bool((stop == T).all())  # no clock to continue, no chunk cut short
+            carried = not identity and _any(clock)  # some row continues a chunk begun before the call
+        else:
+            slot = clock + torch.arange(T, device=dev)
+            stop = slot[:, -1] + 1
+            C = (lead + T - 1) // K + 1  # the chunks of slots 0 .. lead + T - 1
+            identity = lead == 0 and C * K == T  # slot t holds step t
+            carried = lead > 0
         s = torch.arange(C * K, device=dev)
-        identity = lead == 0 and C * K == T  # slot t holds step t
         if not identity:
-            step = s - clock  # [B, S] the call's step at each slot
-            src = torch.where((step >= 0) & (step < T), step, T)
+            step = s - clock  # [B, S] where the slot lies from the call's start: < 0 before it
+            if lead < 0:
+                src = torch.full((B, C * K), T, dtype=torch.long, device=dev)
+                src.scatter_(1, slot, torch.arange(T, device=dev).expand(B, T))
+            else:
+                src = torch.where((step >= 0) & (step < T), step, T)
             starts = F.pad(starts, (0, 1)).gather(1, src)  # [B, S]
         last = torch.where(starts, s, -1).cummax(1).values  # slot of the latest episode start up to each slot
         chunk_start = s // K * K
@@ -362,25 +427,30 @@ class TLBCore(Core):
         self_mask = self._visible[position, torch.minimum(first, position)]  # [B, S, K]
         ends = first.view(B, C, K)[:, :, -1]  # [B, C] the first position of each chunk's last step's episode
         c = torch.arange(C, device=dev)
+        if lead < 0 and not identity:  # complete: the chunk's last slot holds a step (not when an episode cut it short)
+            complete = ((src < T) | (step < 0)).view(B, C, K)[:, :, -1]
+        else:
+            complete = (c + 1) * K <= clock + T
         return _Plan(
             C=C,
-            updates=(lead + T) // K,
-            whole=T // K,
+            updates=C if lead < 0 else (lead + T) // K,
+            whole=0 if lead < 0 else T // K,
+            stop=stop,
             src=None if identity else src[..., None].expand(-1, -1, D),
-            dst=None if identity else (clock + torch.arange(T, device=dev))[..., None].expand(-1, -1, D),
-            cached=(step < 0)[..., None] if lead else None,
+            dst=None if identity else slot[..., None].expand(-1, -1, D),
+            cached=(step < 0)[..., None] if carried else None,
             first=first,
             self_mask=self_mask.view(B * C, 1, K, K),
             cross_mask=self._cross[fresh.long()].view(B * C, 1, K, -1),
             update_mask=self._visible[K - 1, ends],  # never empty: a chunk's last slot is always visible
             reset=last.view(B, C, K)[:, :, -1] >= c * K,
-            complete=(c + 1) * K <= clock + T,
+            complete=complete,
         )
 
     def _carried_keys(self, keys: torch.Tensor, plan: _Plan, state: State, T: int) -> State:
         """The state's keys/values [B, n_cached, K, 2D] of the chunk in progress after the call (from the first
         slot of its episode, zeros elsewhere), its length and that first slot; ``keys`` [B, n_cached, S, 2D]."""
-        K, stop = self.K, state["chunk_len"] + T
+        K, stop = self.K, plan.stop
         B, n, _, F2 = keys.shape
         new_len = stop % K
         new_ep = torch.where(new_len > 0, plan.first.gather(1, stop[:, None] - 1)[:, 0], 0)
@@ -398,7 +468,7 @@ class TLBCore(Core):
         slots of its episode up to it, and the slow vectors read the chunk when it completes.
         """
         K = self.K
-        q = state["chunk_len"]  # [B] the step's position in its chunk
+        q = self.chunk_position(state, start)  # [B] the step's position in its chunk
         ep = torch.where(start, q, state["ep_start"])
         slow = torch.where(start[:, None, None], self.slow_init, state["slow"])
         visible = self._visible[q, ep][:, None, None]  # [B, 1, 1, K]
