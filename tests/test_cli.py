@@ -98,6 +98,7 @@ def test_train_writes_a_complete_run_directory_and_eval_reads_it(tmp_path, capsy
         (["train", "--config", "no/such/config.yaml"], "config file not found"),
         (["train", "--config", str(REPO / "configs")], "cannot read config file"),
         (["train", "env=tmaze", "core=lstm", "core_kwargs.chunk_size=4"], "give core_kwargs={} when changing core"),
+        (["train", "env=tmaze", "core_kwargs.clock=episode", "compile=true"], "does not compile: drop compile=true"),
         (["eval", "no/such/run"], "no checkpoint at"),
         (["train", "--algo", "sac", "env=tmaze"], "unknown algorithm 'sac'; known: ppo, bc"),
         (["train", "--algo", "bc", "patiense=2"], "unknown BC key 'patiense' (did you mean 'patience'?)"),

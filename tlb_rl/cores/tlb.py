@@ -403,11 +403,11 @@ class TLBCore(Core):
             identity = C * K == T and bool((stop == T).all())  # no clock to continue, no chunk cut short
             carried = not identity and _any(clock)  # some row continues a chunk begun before the call
         else:
-            slot = clock + torch.arange(T, device=dev)
-            stop = slot[:, -1] + 1
+            stop = state["chunk_len"] + T
             C = (lead + T - 1) // K + 1  # the chunks of slots 0 .. lead + T - 1
             identity = lead == 0 and C * K == T  # slot t holds step t
             carried = lead > 0
+            slot = None if identity else clock + torch.arange(T, device=dev)
         s = torch.arange(C * K, device=dev)
         if not identity:
             step = s - clock  # [B, S] where the slot lies from the call's start: < 0 before it
