@@ -112,11 +112,11 @@ def run_inspection(
     cross = [layer.attn for layer in tlb.layers if layer.cross] if tlb else []
     initial = core.memory(policy.initial_state(1, device)).float().cpu().numpy()[0]
     while active.any():
-        # the step's position in its chunk
-        position = tlb.chunk_position(state, torch.as_tensor(starts, device=device)).cpu().numpy() if tlb else None
+        begins = torch.as_tensor(starts, device=device)
+        position = tlb.chunk_position(state, begins).cpu().numpy() if tlb else None  # the step's place in its chunk
         batch = obs_to_tensor(stack_observations(obs), device)
         with recording() as rec:
-            actions, _, _, state = policy.act(batch, state, torch.as_tensor(starts, device=device), deterministic)
+            actions, _, _, state = policy.act(batch, state, begins, deterministic)
         memory = core.memory(state).float().cpu().numpy()
         before = np.where(starts[:, None], initial, previous)
         change = np.linalg.norm(memory - before, axis=1) / np.maximum(np.linalg.norm(before, axis=1), 1e-8)
