@@ -11,7 +11,7 @@ so the choice combines memory with what is in view. Two variants take one diffic
 Plug-ins by module path:
 
     tlb-rl demos --env envs.memory_cue:memory_s11_with_cue --episodes 25000 --out demos/memory_s11_cue
-    tlb-rl demos --env envs.memory_cue:memory_s11_cue_at_start --episodes 10000 --out demos/memory_s11_start
+    tlb-rl demos --env envs.memory_cue:memory_s11_cue_at_start --episodes 25000 --out demos/memory_s11_start
 """
 
 from __future__ import annotations
