@@ -27,6 +27,11 @@ def cue_cell(level: gym.Env) -> tuple[int, int]:
     return 1, level.grid.height // 2 - 1
 
 
+def cue_is_key(level: gym.Env) -> bool:
+    """Whether the cue object of a MiniGrid Memory env (``level``: the unwrapped env) is a key (else a ball)."""
+    return level.grid.get(*cue_cell(level)).type == "key"
+
+
 class CueInObservation(gym.ObservationWrapper):
     """Adds ``cue`` (Discrete(2): 1 for a key, 0 for a ball) to a MiniGrid Memory env's observation."""
 
@@ -35,8 +40,7 @@ class CueInObservation(gym.ObservationWrapper):
         self.observation_space = spaces.Dict({**env.observation_space.spaces, "cue": spaces.Discrete(2)})
 
     def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
-        level = self.env.unwrapped
-        return {**observation, "cue": int(level.grid.get(*cue_cell(level)).type == "key")}
+        return {**observation, "cue": int(cue_is_key(self.env.unwrapped))}
 
 
 def memory_s11_with_cue(**kwargs: Any) -> gym.Env:
@@ -54,8 +58,7 @@ class CueAtStart(gym.Wrapper):
 
     def reset(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         observation, info = self.env.reset(**kwargs)
-        level = self.env.unwrapped
-        return {**observation, "cue": 1 + int(level.grid.get(*cue_cell(level)).type == "key")}, info
+        return {**observation, "cue": 1 + int(cue_is_key(self.env.unwrapped))}, info
 
     def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
         observation, reward, terminated, truncated, info = self.env.step(action)

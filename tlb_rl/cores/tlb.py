@@ -267,7 +267,7 @@ class TLBCore(Core):
         # constant of the graph after it, so it is only 0 or K - 1: two graphs per shape at most.
         clock = state["chunk_len"]
         if self.episode_clock:
-            lead = -1  # the plan finds the layout from the episode starts
+            lead = 0  # unused: the plan finds the layout from the episode starts
         elif _static(clock):
             lead = self.K - 1
         elif torch.compiler.is_compiling():
@@ -392,16 +392,19 @@ class TLBCore(Core):
 
     def _plan(self, state: State, starts: torch.Tensor, lead: int) -> _Plan:
         """Where a call's steps sit by slot, and what may attend to what (see :class:`_Plan`), for a call whose
-        rows' clocks are at most ``lead`` (-1: the episode clock's layout, found from ``starts``)."""
+        rows' clocks are at most ``lead`` (on the step clock; the episode clock's layout comes from ``starts``)."""
         B, T = starts.shape
         K, D, dev = self.K, self.output_dim, starts.device
         clock = state["chunk_len"][:, None]  # [B, 1]
-        if lead < 0:
+        if self.episode_clock:
             slot = self._episode_slots(clock, starts)  # [B, T]
             stop = slot[:, -1] + 1
-            C = (int(stop.max()) - 1) // K + 1
-            identity = C * K == T and bool((stop == T).all())  # no clock to continue, no chunk cut short
-            carried = not identity and _any(clock)  # some row continues a chunk begun before the call
+            # one host read: the last slot, whether every row ends at T (no chunk cut short), whether a row continues
+            # a chunk begun before the call
+            last_slot, ends_at_T, continues = torch.stack([stop.max(), (stop == T).all(), clock.any()]).tolist()
+            C = (last_slot - 1) // K + 1
+            identity = C * K == T and bool(ends_at_T) and not continues
+            carried = bool(continues)
         else:
             stop = state["chunk_len"] + T
             C = (lead + T - 1) // K + 1  # the chunks of slots 0 .. lead + T - 1
@@ -411,7 +414,7 @@ class TLBCore(Core):
         s = torch.arange(C * K, device=dev)
         if not identity:
             step = s - clock  # [B, S] where the slot lies from the call's start: < 0 before it
-            if lead < 0:
+            if self.episode_clock:
                 src = torch.full((B, C * K), T, dtype=torch.long, device=dev)
                 src.scatter_(1, slot, torch.arange(T, device=dev).expand(B, T))
             else:
@@ -427,14 +430,16 @@ class TLBCore(Core):
         self_mask = self._visible[position, torch.minimum(first, position)]  # [B, S, K]
         ends = first.view(B, C, K)[:, :, -1]  # [B, C] the first position of each chunk's last step's episode
         c = torch.arange(C, device=dev)
-        if lead < 0 and not identity:  # complete: the chunk's last slot holds a step (not when an episode cut it short)
+        if (
+            self.episode_clock and not identity
+        ):  # complete: the chunk's last slot holds a step (not when an episode cut it short)
             complete = ((src < T) | (step < 0)).view(B, C, K)[:, :, -1]
         else:
             complete = (c + 1) * K <= clock + T
         return _Plan(
             C=C,
-            updates=C if lead < 0 else (lead + T) // K,
-            whole=0 if lead < 0 else T // K,
+            updates=C if self.episode_clock else (lead + T) // K,
+            whole=0 if self.episode_clock else T // K,
             stop=stop,
             src=None if identity else src[..., None].expand(-1, -1, D),
             dst=None if identity else slot[..., None].expand(-1, -1, D),
