@@ -27,7 +27,7 @@ from envs import make_env
 from envs.seeding import EVAL_SEED_BASE, VALIDATION_SEED_BASE
 from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
 from tlb_rl.config import from_dict, to_dict
-from tlb_rl.cores import compile_core
+from tlb_rl.cores import compile_core, require_static
 from tlb_rl.errors import UserError
 from tlb_rl.policy import SequencePolicy
 from tlb_rl.spaces import policy_spaces_from_dict, policy_spaces_to_dict
@@ -86,6 +86,12 @@ class AgentConfig:
     """Compile the core with ``torch.compile`` (tlb, transformer, none). Each input shape and grad mode compiles on
     its first call: ~80 s in all for TLB-PPO on a CPU the first time (inductor caches kernels on disk); TLB-PPO
     then trained 1.2x faster on a CPU (docs/benchmarks.md). For runs longer than a few minutes."""
+
+    cuda_graphs: bool = False
+    """On a GPU, replay the core's training pass (forward + backward of each minibatch) from CUDA graphs
+    (``tlb_rl.cores.graphs``): TLB-PPO's update ~5x faster on an H200, where eager TLB is launch-bound
+    (docs/benchmarks.md). Needs ``device`` on CUDA and a core that compiles (tlb, transformer, none); not
+    together with ``compile``. Captures each minibatch shape once, in a second or two."""
 
     def check_ranges(self, agent: str, at_least: dict[str, int], positive: tuple[str, ...] = ()) -> None:
         """Raise a :class:`UserError` naming the first key below its bound (None values are not checked).
@@ -178,6 +184,13 @@ class Agent:
         self.config = cfg = replace(cfg, **resolved)
         if cfg.compile:
             compile_core(self.policy.core, cfg.core)
+        if cfg.cuda_graphs:
+            if cfg.compile:
+                raise UserError("compile=true and cuda_graphs=true do not go together: drop one")
+            if self.device.type != "cuda":
+                raise UserError(f"cuda_graphs=true needs a CUDA device, and this run is on '{self.device}': drop it")
+            require_static(self.policy.core, cfg.core, "cuda_graphs")
+            self.policy.use_cuda_graphs()
         # fused: one kernel per parameter instead of ~10 small ops (3.0 -> 0.7 ms per step for TLB-PPO on CPU)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.learning_rate, eps=self.adam_eps, fused=True)
         self.frames = self.updates = 0
@@ -357,7 +370,11 @@ class Agent:
         assert run_dir is not None, "finish() needs a run directory"
         best = run_dir / "checkpoints" / "best.pt"
         # Eager: one evaluation, at a batch size training may not have compiled, gains less than compiling costs.
-        model = type(self).load(best, env=self.env_spec, run_dir=str(run_dir), compile=False) if best.exists() else self
+        model = (
+            type(self).load(best, env=self.env_spec, run_dir=str(run_dir), compile=False, cuda_graphs=False)
+            if best.exists()
+            else self
+        )
         result = model.evaluate(gif_path=run_dir / "episode.gif" if gif and model.renders_frames() else None)
         result["checkpoint"] = str(best if best.exists() else run_dir / "checkpoints" / "latest.pt")
         result.update(frames=model.frames, updates=model.updates)

@@ -20,21 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tlb_rl.cores import Core, make_core, parse_core_spec
+from tlb_rl.cores import make_core, parse_core_spec
+from tlb_rl.cores.graphs import TrainingPass
 
 INPUT_DIM = 128
-
-
-class _Pass(nn.Module):
-    """A core's call with tensors in and out (what graph capture takes): (x, starts, *state) -> (y, *state)."""
-
-    def __init__(self, core: Core, keys: list[str]):
-        super().__init__()
-        self.core, self.keys = core, keys
-
-    def forward(self, x: torch.Tensor, starts: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y, new = self.core(x, dict(zip(self.keys, state, strict=True)), starts, state_grad=False)
-        return (y, *(new[k] for k in self.keys))
 
 
 def timed(run: Callable[[], None], repeats: int) -> float:
@@ -67,7 +56,7 @@ def measure(spec: str, B: int, T: int, repeats: int) -> dict[str, float]:
         y, _ = core(x, state, starts, state_grad=False)
         (y * proj).sum().backward()
 
-    graphed = torch.cuda.make_graphed_callables(_Pass(core, keys), (x, starts, *state.values()))
+    graphed = torch.cuda.make_graphed_callables(TrainingPass(core, keys), (x, starts, *state.values()))
 
     def replay() -> None:
         core.zero_grad(set_to_none=True)

@@ -16,8 +16,9 @@ number of envs of every agent.
 
 An agent of ours may carry core hyperparameters, so that two settings of one core race in one run:
 ``--agents tlb,tlb:chunk_size=16,ppo_mlp`` (each ``key=value`` after a colon goes to ``core_kwargs``, except
-``compile=true``, the agent's own ``compile``: ``--agents tlb,tlb:compile=true,lstm``). A compiled agent's
-warm-up update compiles its graphs, so the timed rounds do not count compiling.
+``compile=true`` and ``cuda_graphs=true``, the agent's own options: ``--agents tlb,tlb:compile=true,lstm``). A
+compiled agent's warm-up update compiles its graphs (and a graphed one captures its CUDA graphs), so the timed
+rounds do not count it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def _our_trainer(
     from agents import PPO
 
     core, core_kwargs, compiled = parse_core_spec(spec)
+    cuda_graphs = bool(core_kwargs.pop("cuda_graphs", False))
 
     def record(model: PPO, metrics: dict[str, float]) -> None:
         split["rollout_s"] = split.get("rollout_s", 0.0) + metrics["time/rollout_s"]
@@ -87,6 +89,7 @@ def _our_trainer(
         core=core,
         core_kwargs=core_kwargs,
         compile=compiled,
+        cuda_graphs=cuda_graphs,
         env_kwargs={"view_size": 3},
         device=device,
         seq_len=seq_len,

@@ -97,7 +97,7 @@ def _load_any(ckpt: Path) -> Agent:
     cls = get_algorithm(load_checkpoint(ckpt).get("algo", "?"))
     # device: a run trained on a GPU evaluates on a machine without one; eager: compiling would cost more than it
     # saves over an evaluation
-    return cls.load(ckpt, device="auto", compile=False)
+    return cls.load(ckpt, device="auto", compile=False, cuda_graphs=False)
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tlb_rl.cores import State, core_hyperparameters, make_core
+from tlb_rl.cores.graphs import CoreGraphs
 from tlb_rl.distributions import make_action_head
 from tlb_rl.encoders import Observation, encoder_options, make_encoder
 
@@ -55,6 +56,13 @@ class SequencePolicy(nn.Module):
         self.core_kwargs = {**core_hyperparameters(core), **(core_kwargs or {})}
         self.encoder_kwargs = encoder_options(**(encoder_kwargs or {}))
         self.critic = _orthogonal(nn.Linear(self.core.output_dim, 1), 1.0)
+        self.core_graphs: CoreGraphs | None = None
+        """Set by :meth:`use_cuda_graphs`; a plain attribute, so it is neither a submodule nor in the state dict."""
+
+    def use_cuda_graphs(self) -> None:
+        """Run the core's training passes (``state_grad=False`` with gradients on) as CUDA graphs from now on
+        (:class:`~tlb_rl.cores.graphs.CoreGraphs`); the policy must already be on its GPU."""
+        self.core_graphs = CoreGraphs(self.core)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return self.core.initial_state(batch_size, device or self.critic.weight.device)
@@ -66,7 +74,10 @@ class SequencePolicy(nn.Module):
         (detached with ``state_grad=False``, see :meth:`Core.forward <tlb_rl.cores.base.Core.forward>`)."""
         B, T = episode_starts.shape
         features = self.encoder(map_obs(lambda v: v.reshape(B * T, *v.shape[2:]), obs))  # [B*T, F]
-        y, state = self.core(features.view(B, T, -1), state, episode_starts, state_grad=state_grad)  # [B, T, D]
+        if self.core_graphs is not None and not state_grad and torch.is_grad_enabled():
+            y, state = self.core_graphs(features.view(B, T, -1), state, episode_starts)  # [B, T, D]
+        else:
+            y, state = self.core(features.view(B, T, -1), state, episode_starts, state_grad=state_grad)
         y = y.reshape(B * T, -1)
         dist = self.actor(y)
         return dist, self.critic(y).view(B, T), state

@@ -81,15 +81,29 @@ def parse_core_spec(spec: str) -> tuple[str, dict[str, object], bool]:
     return name, hyperparameters, bool(hyperparameters.pop("compile", False))
 
 
+STATIC_OPTIONS = {"compile": "be compiled", "cuda_graphs": "run as CUDA graphs"}
+"""The agent options that need a core whose ops do not depend on the data, and what they do to it."""
+
+
+def require_static(core: Core, name: str, option: str) -> None:
+    """Raise a UserError unless ``core`` (registered as ``name``) runs the same ops whatever the data, as the
+    agent option ``option`` (a key of :data:`STATIC_OPTIONS`) needs (``Core.compilable``, ``Core.static_error``)."""
+    what = STATIC_OPTIONS[option]
+    if not core.compilable:
+        can = ", ".join(n for n, c in CORES.items() if getattr(c, "compilable", False))
+        raise UserError(f"core '{name}' cannot {what}: drop {option}=true, or use a core that compiles ({can})")
+    reason = core.static_error()
+    if reason:
+        raise UserError(f"core '{name}' {reason}, so it cannot {what}: drop {option}=true")
+
+
 def compile_core(core: Core, name: str) -> None:
     """Compile ``core`` (registered as ``name``) in place with ``torch.compile``: an agent's ``compile=True``.
     Each input shape and grad mode is compiled on its first call (PPO: acting, training, evaluation).
 
-    :raises UserError: for a core that torch.compile cannot trace whole (``Core.compilable``).
+    :raises UserError: for a core that torch.compile cannot trace whole (:func:`require_static`).
     """
-    if not core.compilable:
-        can = ", ".join(n for n, c in CORES.items() if getattr(c, "compilable", False))
-        raise UserError(f"core '{name}' cannot be compiled: drop compile=true, or use a core that compiles ({can})")
+    require_static(core, name, "compile")
     # Static shapes: every shape is compiled for itself, which is what lets TLB's layout depend on T alone;
     # dynamic shapes would trace the chunk loop symbolically. Not fullgraph (tests/test_compile.py checks that
     # the compilable cores trace whole, TLB on a GPU's path; on a CPU it breaks once, on purpose): past Dynamo's
@@ -100,4 +114,4 @@ def compile_core(core: Core, name: str) -> None:
     core.compile(dynamic=False, options=options)
 
 
-__all__ = ["CORES", "Core", "State", "compile_core", "core_hyperparameters", "make_core"]
+__all__ = ["CORES", "Core", "State", "compile_core", "core_hyperparameters", "make_core", "require_static"]

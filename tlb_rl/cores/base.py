@@ -32,8 +32,14 @@ class Core(nn.Module):
     has_memory: bool = True
     #: True when ``torch.compile(fullgraph=True)`` can trace the core (on a GPU's path; a deliberate graph break
     #: elsewhere is allowed): no data-dependent branches, no module Dynamo cannot trace (``nn.LSTM``); what an
-    #: agent's ``compile=True`` needs.
+    #: agent's ``compile=True`` and ``cuda_graphs=True`` need.
     compilable: bool = False
+
+    def static_error(self) -> str | None:
+        """Why this instance's ops depend on the data though its class is ``compilable`` (a setting that lays
+        out its work by the data), phrased to follow "core 'NAME'"; None when they do not. ``compile=True`` and
+        ``cuda_graphs=True`` refuse such a core with it."""
+        return None
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """The state of ``batch_size`` fresh episodes, on ``device`` (default: the core's)."""

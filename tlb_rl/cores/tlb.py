@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,6 @@ from torch import nn
 from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, detached
 from tlb_rl.cores.blocks import Block, layer_norm, linear
 from tlb_rl.cores.record import record
-from tlb_rl.errors import UserError
 
 SLOW_UPDATES = ("sequential", "parallel")
 SLOW_READS = ("before_cross", "output")
@@ -223,13 +222,12 @@ class TLBCore(Core):
         first_half = torch.arange(2 * n_slow) < n_slow
         self.register_buffer("_cross", _additive(torch.stack([first_half, ~first_half])), persistent=False)
 
-    def compile(self, *args: Any, **kwargs: Any) -> None:
+    def static_error(self) -> str | None:
         if self.episode_clock:
-            raise UserError(
-                "core 'tlb' with clock='episode' lays out its chunks by where episodes start, so its shapes "
-                "change with the data and it does not compile: drop compile=true"
+            return (
+                "with clock='episode' lays out its chunks by where episodes start, so its shapes change with the data"
             )
-        super().compile(*args, **kwargs)
+        return None
 
     def chunk_position(self, state: State, episode_starts: torch.Tensor) -> torch.Tensor:
         """The position [B] in its chunk of the step that follows ``state`` (``episode_starts`` [B]: it begins an
