@@ -420,6 +420,10 @@ def test_tiny_study_end_to_end_local_then_resume_skips_finished_runs(tmp_path, c
         )
         with pytest.raises(UserError, match=refusal):
             runner.run_study(load_study(other), other, study_dir, log=lambda _: None)
+    # An override that drops a run is named as the cause, not the config it was given with.
+    with pytest.raises(UserError, match=r"study.yaml with seeds=\[0\] drops its run"):
+        study = load_study(config, overrides=["seeds=[0]"])
+        runner.run_study(study, config, study_dir, log=lambda _: None, overrides=["seeds=[0]"])
     grown = write_config(tmp_path, {**TINY_STUDY, "seeds": [0, 1, 2]}, "grown.yaml")
     runner._check_study_file(study_dir, grown, load_study(grown))
     assert yaml.safe_load((study_dir / "study.yaml").read_text())["seeds"] == [0, 1, 2]

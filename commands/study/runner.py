@@ -217,11 +217,12 @@ def _check_study_file(
     given = study_source(config_path, overrides)
     if saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(given):
         new = {spec.run_id: spec.fingerprint() for spec in expand(study)}
+        source = f"{config_path} with {' '.join(overrides)}" if overrides else str(config_path)
         for spec in expand(load_study(saved, runnable=False)):
             if new.get(spec.run_id) != spec.fingerprint():
                 what = "drops" if spec.run_id not in new else "changes the settings of"
                 raise UserError(
-                    f"{study_dir} holds a study made from another config (see {saved}), and {config_path} {what} "
+                    f"{study_dir} holds a study made from another config (see {saved}), and {source} {what} "
                     f"its run {spec.run_id}; a config may only add runs to a study: use --out for a new directory"
                 )
     study_dir.mkdir(parents=True, exist_ok=True)
