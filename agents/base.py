@@ -188,7 +188,10 @@ class Agent:
             if cfg.compile:
                 raise UserError("compile=true and cuda_graphs=true do not go together: drop one")
             if self.device.type != "cuda":
-                raise UserError(f"cuda_graphs=true needs a CUDA device, and this run is on '{self.device}': drop it")
+                raise UserError(
+                    f"cuda_graphs=true needs a CUDA device, and this run is on '{self.device}': drop it "
+                    "(load(..., cuda_graphs=False) for a model trained with it)"
+                )
             require_static(self.policy.core, cfg.core, "cuda_graphs")
             self.policy.use_cuda_graphs()
         # fused: one kernel per parameter instead of ~10 small ops (3.0 -> 0.7 ms per step for TLB-PPO on CPU)
