@@ -89,7 +89,7 @@ class AgentConfig:
 
     cuda_graphs: bool = False
     """On a GPU, replay the core's training pass (forward + backward of each minibatch) from CUDA graphs
-    (``tlb_rl.cores.graphs``): TLB-PPO's update ~5x faster on an H200, where eager TLB is launch-bound
+    (``tlb_rl.cores.graphs``): TLB-PPO's update 3.7x faster on an H200, where eager TLB is launch-bound
     (docs/benchmarks.md). Needs ``device`` on CUDA and a core that compiles (tlb, transformer, none); not
     together with ``compile``. Captures each minibatch shape once, in a second or two."""
 
@@ -182,11 +182,11 @@ class Agent:
         self.policy = SequencePolicy(*spaces, cfg.core, cfg.core_kwargs, cfg.encoder_kwargs).to(self.device)
         resolved = {"core_kwargs": dict(self.policy.core_kwargs), "encoder_kwargs": dict(self.policy.encoder_kwargs)}
         self.config = cfg = replace(cfg, **resolved)
+        if cfg.compile and cfg.cuda_graphs:
+            raise UserError("compile=true and cuda_graphs=true do not go together: drop one")
         if cfg.compile:
             compile_core(self.policy.core, cfg.core)
         if cfg.cuda_graphs:
-            if cfg.compile:
-                raise UserError("compile=true and cuda_graphs=true do not go together: drop one")
             if self.device.type != "cuda":
                 raise UserError(
                     f"cuda_graphs=true needs a CUDA device, and this run is on '{self.device}': drop it "
