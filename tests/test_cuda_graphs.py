@@ -1,5 +1,5 @@
 """``cuda_graphs=True``: the core's training pass replayed from CUDA graphs computes what the eager pass does,
-an agent with it trains as the eager agent does, and the option refuses what it cannot run.
+PPO and BC with it take the eager gradient on the same data, and the option refuses what it cannot run.
 
 The GPU tests are skipped on a machine without CUDA; benchmarks/gpu.sh runs them on one.
 """
