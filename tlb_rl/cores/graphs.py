@@ -48,6 +48,8 @@ class CoreGraphs:
 
     def __call__(self, x: torch.Tensor, state: State, episode_starts: torch.Tensor) -> tuple[torch.Tensor, State]:
         keys = list(state)
+        # The starts' shape too, though a right one is x's first two dimensions: a replay skips the core's input
+        # checks, and a wrong one must reach them (a capture) rather than broadcast into the graph's buffer.
         shape = (
             tuple(x.shape),
             x.dtype,
