@@ -17,7 +17,7 @@ import torch
 from gymnasium import spaces
 
 import envs
-from envs.memory_cue import CueAtStart, CueInObservation, cue_cell
+from envs.memory_cue import CueAtStart, CueInObservation, CueSometimes, cue_cell
 from envs.text import MISSION_LENGTH, PAD, UNKNOWN, VOCABULARY, detokenize, tokenize
 from envs.tmaze import TMazeEnv
 from envs.vector import choose_vectorization
@@ -381,6 +381,24 @@ def test_cue_at_start_names_the_cue_object_in_the_first_observation_only() -> No
         assert obs["cue"] == {"ball": 1, "key": 2}[level.grid.get(*cue_cell(level)).type]
         assert all(env.step(0)[0]["cue"] == 0 for _ in range(3))  # turning left never ends an episode
     assert cues == {1, 2}
+
+
+def test_cue_sometimes_names_the_cue_in_every_observation_of_hinted_episodes_and_in_none_of_the_others() -> None:
+    env = envs.make_env(lambda: CueSometimes(gym.make("MiniGrid-MemoryS7-v0"), hint_prob=0.5), seed=3)
+    assert env.observation_space["cue"] == spaces.Discrete(3)
+    cues = []
+    for seed in range(40):
+        obs, _ = env.reset(seed=seed)
+        level = env.unwrapped
+        cue = int(obs["cue"])
+        assert cue in (0, {"ball": 1, "key": 2}[level.grid.get(*cue_cell(level)).type])
+        assert all(env.step(0)[0]["cue"] == cue for _ in range(3))
+        cues.append(cue)
+    assert 5 < cues.count(0) < 35 and {1, 2} <= set(cues)
+    never = CueSometimes(gym.make("MiniGrid-MemoryS7-v0"), hint_prob=0.0)
+    assert all(never.reset(seed=s)[0]["cue"] == 0 for s in range(10))
+    with pytest.raises(ValueError, match="hint_prob"):
+        CueSometimes(gym.make("MiniGrid-MemoryS7-v0"), hint_prob=1.5)
 
 
 def test_plugin_text_observations_are_tokenised_and_encode(plugin_module: str) -> None:

@@ -402,7 +402,7 @@ def test_tiny_study_end_to_end_local_then_resume_skips_finished_runs(tmp_path, c
     assert len(finals) == 4
     stamps = [p.stat().st_mtime_ns for p in finals]
 
-    outcomes = runner.run_study(load_study(config), config, study_dir, workers=2, log=lambda _: None)
+    outcomes = runner.run_study(config, study_dir, workers=2, log=lambda _: None)
     assert sorted(o.status for o in outcomes) == ["skipped"] * 4
     assert [p.stat().st_mtime_ns for p in finals] == stamps
     assert all(json.loads(p.with_name("study_run.json").read_text())["attempts"] == 1 for p in finals)
@@ -419,11 +419,10 @@ def test_tiny_study_end_to_end_local_then_resume_skips_finished_runs(tmp_path, c
             "other.yaml",
         )
         with pytest.raises(UserError, match=refusal):
-            runner.run_study(load_study(other), other, study_dir, log=lambda _: None)
+            runner.run_study(other, study_dir, log=lambda _: None)
     # An override that drops a run is named as the cause, not the config it was given with.
     with pytest.raises(UserError, match=r"study.yaml with seeds=\[0\] drops its run"):
-        study = load_study(config, overrides=["seeds=[0]"])
-        runner.run_study(study, config, study_dir, log=lambda _: None, overrides=["seeds=[0]"])
+        runner.run_study(config, study_dir, log=lambda _: None, overrides=["seeds=[0]"])
     grown = write_config(tmp_path, {**TINY_STUDY, "seeds": [0, 1, 2]}, "grown.yaml")
     runner._check_study_file(study_dir, grown, load_study(grown))
     assert yaml.safe_load((study_dir / "study.yaml").read_text())["seeds"] == [0, 1, 2]

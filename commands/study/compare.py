@@ -30,11 +30,9 @@ def compare(
     :raises SystemExit: 130 when the user interrupted the study, or when runs were stopped by a signal (the
         report is written first, without them; this takes precedence over failed runs, which are listed too).
     """
-    study = load_study(config, overrides=overrides)
-    study_dir = Path(out) if out else STUDIES_DIR / study.name
+    study_dir = Path(out) if out else STUDIES_DIR / load_study(config, runnable=False, overrides=overrides).name
     try:
         outcomes = run_study(
-            study,
             config,
             study_dir,
             backend=backend,

@@ -267,7 +267,6 @@ def _run_ray(
 
 
 def run_study(
-    study: StudyConfig,
     config_path: str | Path,
     study_dir: str | Path,
     backend: str = "local",
@@ -276,9 +275,12 @@ def run_study(
     log: Callable[[str], None] = print,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> list[RunOutcome]:
-    """Run every unfinished run of ``study`` (read from ``config_path`` with ``overrides``) into ``study_dir``;
-    returns one outcome per run of the grid."""
-    study_dir = Path(study_dir)
+    """Run every unfinished run of the study in ``config_path`` (with ``key=value`` ``overrides``) into
+    ``study_dir``; returns one outcome per run of the grid.
+
+    :raises UserError: a bad config, or a study directory that holds runs the config drops or changes.
+    """
+    study, study_dir = load_study(config_path, overrides=overrides), Path(study_dir)
     _check_study_file(study_dir, config_path, study, overrides)
     specs = expand(study)
     done = {s.run_id for s in specs if is_finished(study_dir, s)}
