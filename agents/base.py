@@ -297,6 +297,28 @@ class Agent:
     def make_eval_env(self, **kwargs: Any) -> gym.Env:
         return make_env(self.env_spec, **self.config.env_kwargs, **kwargs)
 
+    def set_env(self, env: Any = None, env_kwargs: dict[str, Any] | None = None) -> None:
+        """Play another env, or this one with other options, from now on (evaluation, inspection, later training),
+        as SB3's ``set_env``: e.g. a policy trained on a 100-step corridor, on a 500-step one. The policy stays.
+
+        :param env: an env spec as :func:`envs.make_env` takes it; None keeps the current one.
+        :param env_kwargs: all of the env's options; None keeps the current ones.
+        :raises UserError: the env gives the policy other observation or action spaces than it was built for.
+        """
+        spec = self.env_spec if env is None else env
+        kwargs = dict(self.config.env_kwargs if env_kwargs is None else env_kwargs)
+        probe = make_env(spec, **kwargs)
+        spaces = (probe.observation_space, probe.action_space)
+        probe.close()
+        if spaces != (self.observation_space, self.action_space):
+            raise UserError(
+                f"env '{spec_name(spec)}' with {kwargs} has spaces {spaces[0]} / {spaces[1]}, but the policy was built "
+                f"for {self.observation_space} / {self.action_space}"
+            )
+        self.close()  # envs opened for training are of the old setting
+        self.env_spec = spec
+        self.config = replace(self.config, env_kwargs=kwargs, **({"env": spec} if isinstance(spec, str) else {}))
+
     def renders_frames(self) -> bool:
         """Whether the env renders rgb_array frames (for GIFs)."""
         env = self.make_eval_env()

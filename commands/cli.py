@@ -100,8 +100,31 @@ def _load_any(ckpt: Path) -> Agent:
     return cls.load(ckpt, device="auto", compile=False, cuda_graphs=False)
 
 
+def _with_env(model: Agent, overrides: list[str]) -> Agent:
+    """``model`` set to play another env or other env options (``env=ID``, ``env_kwargs.KEY=VALUE``)."""
+    from tlb_rl.config import apply_overrides
+
+    values = apply_overrides({"env": model.env_spec, "env_kwargs": model.config.env_kwargs}, overrides)
+    unknown = sorted(set(values) - {"env", "env_kwargs"})
+    if unknown:
+        raise UserError(f"only the env can be overridden here (env=ID, env_kwargs.KEY=VALUE), not {', '.join(unknown)}")
+    if not isinstance(values["env_kwargs"], dict):
+        raise UserError(f"env_kwargs must be a mapping, got {values['env_kwargs']!r}")
+    model.set_env(values["env"], values["env_kwargs"])
+    return model
+
+
+def _env_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="play another env, or the run's with other options (after the run): env=ID, env_kwargs.KEY=VALUE",
+    )
+
+
 def _eval(args: argparse.Namespace) -> None:
-    model = _load_any(_find_checkpoint(args.run_dir, args.checkpoint))
+    model = _with_env(_load_any(_find_checkpoint(args.run_dir, args.checkpoint)), args.overrides)
     # Without --deterministic each algorithm keeps its default (BC: greedy, like the bot it copies).
     result = model.evaluate(args.episodes, gif_path=args.gif, deterministic=True if args.deterministic else None)
     summary = {k: result[k] for k in ("episodes", "success_rate", "mean_return", "mean_length")}
@@ -121,7 +144,7 @@ def _inspect(args: argparse.Namespace) -> None:
     from agents.inspect_figures import episode_figure, episode_gif, pca_figure, probe_figure
 
     checkpoint = _find_checkpoint(args.path, args.checkpoint)
-    model = _load_any(checkpoint)
+    model = _with_env(_load_any(checkpoint), args.overrides)
     target = Path(args.path)
     out = Path(args.out) if args.out else target / "inspect" if target.is_dir() else Path(f"inspect-{target.stem}")
     render = args.gif and model.renders_frames()
@@ -247,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which (default best)")
     p.add_argument("--gif", help="write a GIF of the first episode here")
     p.add_argument("--deterministic", action="store_true", help="take the most likely action")
+    _env_overrides(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="write a run's policy as a small weights-only file to share or ship")
@@ -269,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for the figures (default RUN_DIR/inspect or ./inspect-NAME)")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which (default best)")
     p.add_argument("--deterministic", action="store_true", help="take the most likely action")
+    _env_overrides(p)
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("demos", help="record an expert's demonstrations (successful episodes only)")

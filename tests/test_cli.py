@@ -62,6 +62,19 @@ def test_train_writes_a_complete_run_directory_and_eval_reads_it(tmp_path, capsy
     code, out, err = run_cli(["eval", str(run_dir), "--episodes", "6"], capsys)
     assert code == 0, err
     assert json.loads(out)["episodes"] == 6
+    # The same policy under other env options: a longer corridor than it was trained on (3), whose episodes
+    # take its length and one step more.
+    code, out, err = run_cli(["eval", str(run_dir), "env_kwargs.corridor_length=9", "--episodes", "4"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["mean_length"] == 10
+    for overrides, message in (
+        (["seed=3"], "only the env can be overridden here (env=ID, env_kwargs.KEY=VALUE), not seed"),
+        (["env_kwargs.active=true"], "with {'corridor_length': 3, 'active': True} has spaces Box(0.0, 1.0, (3,), "),
+        (["env=CartPole-v1", "env_kwargs={}"], "but the policy was built for Box(0.0, 1.0, (3,), float32)"),
+        (["env_kwargs.corridor_lenght=5"], "corridor_lenght"),
+    ):
+        code, _, err = run_cli(["eval", str(run_dir), *overrides, "--episodes", "2"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, err
 
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "validation/success_rate" in header and "train/approx_kl" in header

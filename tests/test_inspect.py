@@ -110,6 +110,13 @@ def test_cli_inspect_writes_figures_and_the_probe(tmp_path, capsys):
     assert "linear probe of 'cue'" in capsys.readouterr().out
 
 
+def test_cli_inspect_plays_the_env_with_other_options(tmp_path):
+    out = tmp_path / "inspect"
+    # trained on a 100-step corridor, played on a 150-step one
+    main(["inspect", str(TMAZE), "env_kwargs.corridor_length=150", "--episodes", "4", "--out", str(out)])
+    assert json.loads((out / "inspect.json").read_text())["mean_length"] == 151
+
+
 def test_cli_inspect_gif_draws_the_memory_beside_the_frame(tmp_path):
     run = tmp_path / "run"
     model = PPO("MiniGrid-Empty-5x5-v0", core="lstm", core_kwargs={"hidden_size": 16}, n_envs=2, n_steps=8)

@@ -240,6 +240,18 @@ def test_loaded_model_refuses_an_env_with_other_spaces(tmp_path):
         loaded.learn(8, progress=False)
 
 
+def test_set_env_changes_what_the_model_plays_and_trains_on_and_refuses_other_spaces():
+    model = PPO("tmaze", core="none", env_kwargs={"corridor_length": 2}, n_envs=2, n_steps=4, batch_size=8)
+    model.learn(8, progress=False)
+    model.set_env(env_kwargs={"corridor_length": 6})
+    assert model.evaluate(3)["mean_length"] == 7
+    model.learn(16, progress=False)  # on new envs of the new setting
+    assert model.envs.get_attr("corridor_length") == (6, 6)
+    with pytest.raises(UserError, match="the policy was built for"):
+        model.set_env(env_kwargs={"active": True})  # 3 actions, not 2
+    assert model.config.env_kwargs == {"corridor_length": 6}
+
+
 def test_bad_hyperparameters_are_user_errors():
     with pytest.raises(UserError, match=r"unknown PPO key 'n_step'.*n_steps"):
         PPO("tmaze", n_step=5)
