@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from commands.study import runner, stats
 from commands.study.config import RunSpec, load_study
 from tlb_rl.checkpoint import load_checkpoint
 from tlb_rl.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_STUDY = {
     "name": "tiny",
@@ -410,6 +413,17 @@ def test_tiny_study_end_to_end_local_then_resume_skips_finished_runs(tmp_path, c
     (study_dir / "report.md").unlink()
     assert run_compare(["report", str(study_dir)], capsys) == 0
     check_tiny_report(study_dir)
+
+    # benchmarks/transfer.py plays every finished run on other values of an env option
+    transfer = subprocess.run(
+        [sys.executable, "benchmarks/transfer.py", str(study_dir), "--env", "tmaze-L3", "--option",
+         "corridor_length", "--values", "3,7", "--episodes", "4"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = json.loads(transfer.stdout[: transfer.stdout.index("\nheld-out")])["rows"]
+    assert sorted(rows) == ["lstm-ppo", "tlb-ppo"]
+    assert all(sorted(cell["per_seed"]) == ["0", "1"] for cells in rows.values() for cell in cells.values())
+    assert "| tlb-ppo | " in transfer.stdout
 
     # A study grows by new runs (a seed here); a config that drops or changes a run it holds is refused.
     for seeds, frames, refusal in (([0], 2048, "drops its run"), ([0, 1, 2], 4096, "changes the settings of")):
