@@ -104,6 +104,8 @@ def _with_env(model: Agent, overrides: list[str]) -> Agent:
     """``model`` set to play another env or other env options (``env=ID``, ``env_kwargs.KEY=VALUE``)."""
     from tlb_rl.config import apply_overrides
 
+    if not overrides:
+        return model
     values = apply_overrides({"env": model.env_spec, "env_kwargs": model.config.env_kwargs}, overrides)
     unknown = sorted(set(values) - {"env", "env_kwargs"})
     if unknown:
