@@ -5,9 +5,13 @@ A new algorithm is a subclass of :class:`agents.base.Agent` in its own module pl
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from agents.base import Agent, AgentConfig
 from agents.bc import BC, BCConfig
 from agents.ppo import PPO, PPOConfig
+from tlb_rl.checkpoint import load_checkpoint
 from tlb_rl.errors import UserError
 
 ALGORITHMS: dict[str, type[Agent]] = {cls.algo: cls for cls in (PPO, BC)}
@@ -21,4 +25,9 @@ def get_algorithm(name: str) -> type[Agent]:
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "BC", "PPO", "Agent", "AgentConfig", "BCConfig", "PPOConfig", "get_algorithm"]
+def load_model(path: str | Path, **overrides: Any) -> Agent:
+    """A saved model of whichever algorithm its checkpoint names (``overrides`` as in :meth:`Agent.load`)."""
+    return get_algorithm(load_checkpoint(path).get("algo", "?")).load(path, **overrides)
+
+
+__all__ = ["ALGORITHMS", "BC", "PPO", "Agent", "AgentConfig", "BCConfig", "PPOConfig", "get_algorithm", "load_model"]

@@ -126,6 +126,14 @@ def resolve_device(name: str, batch: int) -> torch.device:
     return device
 
 
+def env_spaces(spec: Any, env_kwargs: dict[str, Any]) -> tuple[gym.Space, gym.Space]:
+    """The observation and action spaces of env ``spec`` with ``env_kwargs``, from one env made and closed."""
+    probe = make_env(spec, **env_kwargs)
+    spaces = (probe.observation_space, probe.action_space)
+    probe.close()
+    return spaces
+
+
 def spec_name(env: Any) -> str:
     """A string for the config: the env spec itself, or where a callable spec is defined."""
     if isinstance(env, str):
@@ -174,9 +182,7 @@ class Agent:
         self.device = resolve_device(cfg.device, self.sequences_per_step())
         fresh = spaces is None  # not loaded from a checkpoint, whose weights win over init_from
         if spaces is None:
-            probe = make_env(self.env_spec, **cfg.env_kwargs)
-            spaces = (probe.observation_space, probe.action_space)
-            probe.close()
+            spaces = env_spaces(self.env_spec, cfg.env_kwargs)
         self.observation_space, self.action_space = spaces
         torch.manual_seed(cfg.seed)
         self.policy = SequencePolicy(*spaces, cfg.core, cfg.core_kwargs, cfg.encoder_kwargs).to(self.device)
@@ -307,9 +313,7 @@ class Agent:
         """
         spec = self.env_spec if env is None else env
         kwargs = dict(self.config.env_kwargs if env_kwargs is None else env_kwargs)
-        probe = make_env(spec, **kwargs)
-        spaces = (probe.observation_space, probe.action_space)
-        probe.close()
+        spaces = env_spaces(spec, kwargs)
         if spaces != (self.observation_space, self.action_space):
             raise UserError(
                 f"env '{spec_name(spec)}' with {kwargs} has spaces {spaces[0]} / {spaces[1]}, but the policy was built "

@@ -21,10 +21,9 @@ from typing import Any
 
 import yaml
 
-from agents import get_algorithm
+from agents import load_model
 from commands.study.config import expand, load_study
 from commands.study.stats import iqm_estimate
-from tlb_rl.checkpoint import load_checkpoint
 
 
 def transfer(
@@ -42,7 +41,7 @@ def transfer(
         if not best.is_file():
             print(f"skipped {spec.run_id}: no best checkpoint (not finished?)", file=sys.stderr)
             continue
-        model = get_algorithm(load_checkpoint(best)["algo"]).load(best, device="cpu", compile=False, cuda_graphs=False)
+        model = load_model(best, device="cpu", compile=False, cuda_graphs=False)
         kwargs = dict(model.config.env_kwargs)
         for value in values:
             model.set_env(env_kwargs={**kwargs, option: value})

@@ -91,13 +91,11 @@ def _find_checkpoint(path: str, which: str) -> Path:
 
 
 def _load_any(ckpt: Path) -> Agent:
-    from agents import get_algorithm
-    from tlb_rl.checkpoint import load_checkpoint
+    from agents import load_model
 
-    cls = get_algorithm(load_checkpoint(ckpt).get("algo", "?"))
     # device: a run trained on a GPU evaluates on a machine without one; eager: compiling would cost more than it
     # saves over an evaluation
-    return cls.load(ckpt, device="auto", compile=False, cuda_graphs=False)
+    return load_model(ckpt, device="auto", compile=False, cuda_graphs=False)
 
 
 def _with_env(model: Agent, overrides: list[str]) -> Agent:
