@@ -27,7 +27,7 @@ from envs import make_env
 from envs.seeding import EVAL_SEED_BASE, VALIDATION_SEED_BASE
 from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
 from tlb_rl.config import from_dict, to_dict
-from tlb_rl.cores import compile_core, require_static
+from tlb_rl.cores import compile_core, require_static, saved_core_kwargs
 from tlb_rl.errors import UserError
 from tlb_rl.policy import SequencePolicy
 from tlb_rl.spaces import policy_spaces_from_dict, policy_spaces_to_dict
@@ -464,7 +464,10 @@ class Agent:
         missing = {"config", "spaces", "policy", "progress"} - set(data)
         if missing:
             raise UserError(f"checkpoint {path} is incomplete: it has no {', '.join(sorted(missing))}")
-        config = from_dict(cls.config_class, {**data["config"], **overrides}, cls.algo.upper())
+        values = {**data["config"], **overrides}
+        if values.get("core") == data["config"].get("core"):  # the saved core: as it ran, whatever today's defaults
+            values["core_kwargs"] = saved_core_kwargs(values["core"], values.get("core_kwargs") or {})
+        config = from_dict(cls.config_class, values, cls.algo.upper())
         model = cls.__new__(cls)
         model._setup(config, env, policy_spaces_from_dict(data["spaces"]))
         try:

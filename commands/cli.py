@@ -324,8 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides taken before or after the options.
+
+    argparse ends a ``nargs="*"`` positional at the first option, so ``eval RUN --episodes 4 env=X`` would
+    leave ``env=X`` unparsed (and ``parse_intermixed_args`` refuses subcommands); the leftovers join the
+    overrides, in their order, when every one of them is a ``key=value``.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.func(args)
     except (UserError, TrainingError) as e:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from agents import ALGORITHMS
-from commands.cli import main
+from commands.cli import main, parse_args
 from commands.study.config import expand, load_study
 from tlb_rl.config import from_dict, load_yaml
 
@@ -67,6 +67,10 @@ def test_train_writes_a_complete_run_directory_and_eval_reads_it(tmp_path, capsy
     code, out, err = run_cli(["eval", str(run_dir), "env_kwargs.corridor_length=9", "--episodes", "4"], capsys)
     assert code == 0, err
     assert json.loads(out)["mean_length"] == 10
+    # Overrides after the options are taken too.
+    code, out, err = run_cli(["eval", str(run_dir), "--episodes", "4", "env_kwargs.corridor_length=5"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["mean_length"] == 6
     for overrides, message in (
         (["seed=3"], "only the env can be overridden here (env=ID, env_kwargs.KEY=VALUE), not seed"),
         (["env_kwargs.active=true"], "with {'corridor_length': 3, 'active': True} has spaces Box(0.0, 1.0, (3,), "),
@@ -125,6 +129,17 @@ def test_bad_input_gives_one_line_and_exit_2(args, message, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tlb-rl: error:"), err
     assert message in lines[0]
+
+
+def test_overrides_go_before_or_after_the_options(capsys):
+    args = parse_args(["train", "core=lstm", "--config", "c.yaml", "seed=2", "--no-progress", "n_envs=4"])
+    assert args.overrides == ["core=lstm", "seed=2", "n_envs=4"] and args.config == "c.yaml" and args.no_progress
+    assert parse_args(["eval", "RUN", "--episodes", "4", "env=X"]).overrides == ["env=X"]
+    # Anything else left over is refused, as is an override where the command takes none.
+    for argv, stray in ((["eval", "RUN", "--episodes", "4", "stray"], "stray"), (["report", "DIR", "a=1"], "a=1")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2 and f"unrecognized arguments: {stray}" in capsys.readouterr().err
 
 
 def test_corrupt_and_malicious_checkpoints_are_refused(tmp_path, capsys):

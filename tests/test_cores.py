@@ -62,6 +62,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "lstm": ("lstm", dict(hidden_size=16)),
     "lstm-2layers": ("lstm", dict(hidden_size=16, num_layers=2)),
     "gru": ("gru", dict(hidden_size=16)),
+    "gru-raw-input": ("gru", dict(hidden_size=16, input_norm=False)),
     "transformer": ("transformer", dict(d_model=16, window=4, n_layers=2, n_heads=2)),
     "none": ("none", dict(hidden_size=16)),
     "brsm": ("brsm", dict(m=12, k=3)),  # flattened, output detached (the defaults)
@@ -304,6 +305,21 @@ def test_bad_input_shapes_raise_value_error(config):
         core(torch.zeros(2, 3, IN), state, torch.zeros(2, dtype=torch.bool))  # starts without time
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_recurrent_cores_normalise_their_inputs_unless_told_not_to(name):
+    """With ``input_norm`` each step's input is layer-normalised, so scaling and shifting the features changes
+    nothing; without it, it does."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, IN, generator=gen)
+    starts = random_starts(3, 7, 0.2, gen)
+    for input_norm in (True, False):
+        torch.manual_seed(0)
+        core = make_core(name, IN, hidden_size=16, input_norm=input_norm)
+        y, _ = core(x, core.initial_state(3), starts)
+        y_scaled, _ = core(40 * x + 3, core.initial_state(3), starts)
+        assert torch.allclose(y, y_scaled, atol=1e-3) == input_norm  # 1e-3: layer_norm's eps over 5 features
+
+
 def test_core_specs_of_the_benchmarks_command_lines():
     assert parse_core_spec("lstm") == ("lstm", {}, False)
     assert parse_core_spec("tlb:chunk_size=8:slow_update=parallel:compile=true") == (
@@ -511,7 +527,7 @@ def test_tlb_slow_state_changes_exactly_when_a_chunk_completes(config):
 
 
 @pytest.mark.parametrize("path", ["_spans", "_packed"])
-@pytest.mark.parametrize("config", ["lstm", "lstm-2layers", "gru"])
+@pytest.mark.parametrize("config", ["lstm", "lstm-2layers", "gru", "gru-raw-input"])
 def test_recurrent_core_paths_equal_step_by_step_calls(config, path, monkeypatch):
     """LSTM/GRU pick one call per span or one packed batch by cost; both must give the same outputs,
     states and input gradients as stepping, whichever the heuristic would pick for these starts."""

@@ -320,6 +320,20 @@ def test_a_checkpoint_loads_into_the_network_it_was_saved_from_after_a_default_c
     assert loaded.policy.state_dict().keys() == model.policy.state_dict().keys() != fresh.policy.state_dict().keys()
 
 
+def test_a_recurrent_checkpoint_saved_before_input_norm_loads_as_it_ran(tmp_path):
+    """Its config has no ``input_norm``: the core ran on raw features then, and must again, not on today's
+    default (the weights alone cannot tell: the normalisation has none)."""
+    from tlb_rl.checkpoint import load_checkpoint, save_checkpoint
+
+    model = PPO("tmaze", core="lstm", core_kwargs={"hidden_size": 16, "input_norm": False}, n_envs=2, n_steps=16)
+    model.save(tmp_path / "new.pt")
+    data = load_checkpoint(tmp_path / "new.pt")
+    del data["config"]["core_kwargs"]["input_norm"]
+    save_checkpoint(data, tmp_path / "old.pt")
+    assert PPO.load(tmp_path / "old.pt").policy.core.input_norm is False
+    assert PPO("tmaze", core="lstm").policy.core.input_norm is True
+
+
 def test_patience_counts_evaluations_without_a_better_measure_whatever_the_tiebreak(tmp_path, monkeypatch):
     """BC breaks ties of success by validation loss; a lower loss at the same success picks best.pt but must
     not renew patience, or a run stuck on a plateau (its loss creeping down) would never stop."""

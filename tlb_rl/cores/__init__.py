@@ -41,6 +41,17 @@ def core_hyperparameters(name: str) -> dict[str, object]:
     return {k: p.default for k, p in params.items() if k not in skip}
 
 
+SAVED_BEFORE: dict[str, dict[str, object]] = {"lstm": {"input_norm": False}, "gru": {"input_norm": False}}
+"""Options added with a default other than what the core did before them, each with that earlier behaviour: a
+saved config lacking one was made without it (:func:`saved_core_kwargs`)."""
+
+
+def saved_core_kwargs(name: str, hyperparameters: dict[str, object]) -> dict[str, object]:
+    """The hyperparameters of a saved core as it ran: options added since it was saved take the earlier
+    behaviour (:data:`SAVED_BEFORE`), not today's default."""
+    return {**SAVED_BEFORE.get(name, {}), **hyperparameters}
+
+
 def make_core(name: str, input_dim: int, **hyperparameters: object) -> Core:
     """Build the core registered as ``name``; its output width is ``core.output_dim``.
 
@@ -114,4 +125,13 @@ def compile_core(core: Core, name: str) -> None:
     core.compile(dynamic=False, options=options)
 
 
-__all__ = ["CORES", "Core", "State", "compile_core", "core_hyperparameters", "make_core", "require_static"]
+__all__ = [
+    "CORES",
+    "Core",
+    "State",
+    "compile_core",
+    "core_hyperparameters",
+    "make_core",
+    "require_static",
+    "saved_core_kwargs",
+]

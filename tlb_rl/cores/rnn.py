@@ -6,6 +6,7 @@ import itertools
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from tlb_rl.cores.base import Core, State, check_inputs, check_sizes, detached, reset_rows
@@ -25,6 +26,10 @@ class RNNCore(Core):
     :param forget_bias: initial bias of the gate that keeps the state: the LSTM's forget gate, the GRU's
         update gate. torch initialises both near 0, so half the state is lost every step and a cue is gone
         before learning can start; 2 keeps ~88% per step (measured: docs/results.md).
+    :param input_norm: layer-normalise each step's input (no learned scale: the input weights hold one), as
+        TLB's blocks do theirs. An encoder's features have whatever scale training gives them: on the T-maze
+        they stay near 0.2, too weak to drive the gates, and a cloned GRU's grew to ~100 within 25 updates,
+        saturating every gate for good (docs/results.md). ``False`` is how the cores ran before 2026-11-30.
     :param cell: ``"lstm"`` or ``"gru"``.
     """
 
@@ -34,6 +39,7 @@ class RNNCore(Core):
         hidden_size: int = 128,
         num_layers: int = 1,
         forget_bias: float = 2.0,
+        input_norm: bool = True,
         cell: str = "lstm",
     ):
         super().__init__()
@@ -47,7 +53,7 @@ class RNNCore(Core):
                 getattr(self.rnn, f"bias_ih_l{k}")[hidden_size : 2 * hidden_size] = forget_bias
                 getattr(self.rnn, f"bias_hh_l{k}")[hidden_size : 2 * hidden_size] = 0.0
         self.input_dim, self.output_dim, self.cell = input_dim, hidden_size, cell
-        self.num_layers = num_layers
+        self.num_layers, self.input_norm = num_layers, input_norm
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         zeros = torch.zeros(batch_size, self.num_layers, self.output_dim, device=device or self.device)
@@ -57,6 +63,8 @@ class RNNCore(Core):
         self, x: torch.Tensor, state: State, episode_starts: torch.Tensor, *, state_grad: bool = True
     ) -> tuple[torch.Tensor, State]:
         check_inputs(x, episode_starts, self.input_dim)
+        if self.input_norm:
+            x = F.layer_norm(x, (self.input_dim,))
         starts = episode_starts.bool()
         T = x.shape[1]
         names = ["h", "c"] if self.cell == "lstm" else ["h"]  # the order torch's modules use
