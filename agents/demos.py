@@ -119,7 +119,9 @@ def generate_demos(
 ) -> DemoDataset:
     """Let an expert play env seeds ``seed .. seed + n_episodes - 1``; keep and save the successful ones.
 
-    :param workers: processes playing in parallel (1: play in this process).
+    :param workers: processes playing in parallel (1: play in this process). They start by "forkserver", as
+        async envs do, which re-imports the main script: a script that passes ``workers > 1`` needs
+        ``if __name__ == "__main__":``.
     :param seed: first env seed; all seeds must stay below the validation/evaluation seeds (500,000).
     :param expert: ``"module:function"`` (see :mod:`agents.experts`); None: the built-in expert for the env.
     :return: the saved dataset (its header counts the failures and lists their seeds).
@@ -157,7 +159,9 @@ def generate_demos(
         results: Iterator[list[DemoEpisode]] = map(_play_seeds, jobs)
         pool = None
     else:
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        # Not "fork": a worker forked from a process with threads (torch's, a progress bar's) can inherit a held
+        # lock and hang for good; seen in the test suite, where terminate() then waited on it forever.
+        pool = multiprocessing.get_context("forkserver").Pool(workers)
         results = pool.imap(_play_seeds, jobs)  # in order, so the dataset does not depend on scheduling
     try:
         for chunk in results:

@@ -27,9 +27,10 @@ class RNNCore(Core):
         update gate. torch initialises both near 0, so half the state is lost every step and a cue is gone
         before learning can start; 2 keeps ~88% per step (measured: docs/results.md).
     :param input_norm: layer-normalise each step's input (no learned scale: the input weights hold one), as
-        TLB's blocks do theirs. An encoder's features have whatever scale training gives them: on the T-maze
-        they stay near 0.2, too weak to drive the gates, and a cloned GRU's grew to ~100 within 25 updates,
-        saturating every gate for good (docs/results.md). ``False`` is how the cores ran before 2026-11-30.
+        TLB's blocks do theirs. An encoder's features have whatever scale training gives them: a cloned GRU's
+        grew to a standard deviation of ~100 within 25 updates, saturating every gate for good; on the T-maze
+        they stay near 0.2, and only normalised did the LSTM and GRU learn a 500-step memory
+        (docs/results.md). ``False`` is how the cores ran before 2026-11-30.
     :param cell: ``"lstm"`` or ``"gru"``.
     """
 
